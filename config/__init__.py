@@ -1,0 +1,1 @@
+"""YAML configurations shipped with imagegate: default.yaml (the embedded default) and example.yaml."""

@@ -1,0 +1,1 @@
+"""The local diffusers GPU backend (pipelines, memory, GPU workers, the `imagegate worker`)."""

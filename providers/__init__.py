@@ -1,0 +1,1 @@
+"""Upstream adapters: one module per upstream kind, all behind `providers.base.Provider`."""

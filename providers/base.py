@@ -1,0 +1,141 @@
+"""The one small interface every upstream kind implements.
+
+A provider receives an `ImageRequest` that the router has already validated and normalized
+(legal size, clamped steps, chosen seed) and returns the images as bytes. It knows nothing of
+client HTTP requests, billing or keys.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+Capability = Literal["generate", "edit", "inpaint", "multi-reference", "transparent"]
+ALL_CAPABILITIES: tuple[Capability, ...] = ("generate", "edit", "inpaint", "multi-reference", "transparent")
+
+
+@dataclass(frozen=True, slots=True)
+class InputImage:
+    """An input image already checked to be a real image of an allowed format."""
+
+    data: bytes
+    format: str  # "png" | "jpeg" | "webp"
+    width: int
+    height: int
+    has_alpha: bool = False
+
+    @property
+    def content_type(self) -> str:
+        return f"image/{self.format}"
+
+
+@dataclass(slots=True)
+class ImageRequest:
+    """A validated, normalized request: everything an adapter needs, nothing it must re-check."""
+
+    operation: Literal["generate", "edit"]
+    prompt: str
+    upstream_model: str
+    width: int
+    height: int
+    n: int
+    seed: int  # image i uses (seed + i) mod 2**32
+    steps: int | None = None
+    guidance_scale: float | None = None
+    negative_prompt: str | None = None
+    quality: str | None = None
+    output_format: str = "png"
+    output_compression: int | None = None
+    background: str | None = None
+    images: list[InputImage] = field(default_factory=list)
+    mask: InputImage | None = None
+    strength: float | None = None
+    # OpenAI fields some upstreams understand (user, safety_identifier, moderation, style, input_fidelity).
+    hints: dict[str, Any] = field(default_factory=dict)
+    # Fields the client sent that the model's config lets through to the upstream as they are.
+    extra: dict[str, Any] = field(default_factory=dict)
+    # Per-route options from the YAML route entry (family, sampler, …), opaque to the router.
+    route_options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def size(self) -> str:
+        return f"{self.width}x{self.height}"
+
+    def seed_for(self, index: int) -> int:
+        return (self.seed + index) % 2**32
+
+
+@dataclass(slots=True)
+class GeneratedImage:
+    data: bytes
+    seed: int | None = None
+    # The upstream's own base64 text of `data`, kept so an unchanged image is not re-encoded.
+    b64: str | None = None
+    revised_prompt: str | None = None
+
+
+@dataclass(slots=True)
+class ProviderResult:
+    images: list[GeneratedImage]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+class UpstreamError(Exception):
+    """An upstream failed. `status` is what the client should see if no other route helps.
+
+    `retryable`: the same route may succeed if tried again (timeouts, 429, 5xx).
+    `fallback`: another route may succeed (also true for a broken upstream, false for a bad request).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int = 502,
+        code: str = "upstream_error",
+        retryable: bool = False,
+        retry_after: float | None = None,
+        param: str | None = None,
+        fallback: bool | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.code = code
+        self.retryable = retryable
+        self.retry_after = retry_after
+        self.param = param
+        # Whether another route may succeed where this one failed (a request error: no).
+        self.fallback = retryable if fallback is None else fallback
+
+
+class Provider(ABC):
+    """Base class for adapters. Subclasses set `kind` and `capabilities` and implement `generate`."""
+
+    kind: ClassVar[str] = ""
+    capabilities: ClassVar[frozenset[str]] = frozenset({"generate"})
+    # The pydantic model that validates this kind's YAML options (a ProviderOptions subclass).
+    Options: ClassVar[type[Any]]
+
+    def __init__(self, name: str, options: Any) -> None:
+        self.name = name
+        self.options = options
+
+    def missing_settings(self) -> list[str]:
+        """Settings that are required but empty (e.g. an unset API key): the route is disabled."""
+        return []
+
+    def secrets(self) -> list[str]:
+        """Values that must never appear in an error message or a log line."""
+        return []
+
+    async def start(self) -> None:
+        """Open clients and pools. Called once when the gateway starts."""
+
+    @abstractmethod
+    async def generate(self, request: ImageRequest) -> ProviderResult:
+        """Turn a validated request into `request.n` images."""
+
+    async def aclose(self) -> None:
+        """Release clients and pools."""

@@ -1,0 +1,154 @@
+"""What every HTTP adapter shares: one pooled client, error mapping, bounded downloads, redaction."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Iterable
+from email.utils import parsedate_to_datetime
+from datetime import datetime, timezone
+from typing import Any
+from urllib.parse import urljoin, urlsplit
+
+import httpx
+import orjson
+
+from .base import GeneratedImage, UpstreamError
+from .options import HTTPProviderOptions
+
+MAX_REDIRECTS = 3
+
+
+def make_client(options: HTTPProviderOptions, headers: dict[str, str]) -> httpx.AsyncClient:
+    """One pooled client per provider instance; the api key lives only in these headers."""
+    timeout = httpx.Timeout(options.timeout_s, connect=options.connect_timeout_s)
+    limits = httpx.Limits(max_connections=options.max_connections, max_keepalive_connections=options.max_connections)
+    return httpx.AsyncClient(timeout=timeout, limits=limits, headers=headers, follow_redirects=False)
+
+
+def redact(text: str, secrets: Iterable[str]) -> str:
+    for secret in secrets:
+        if secret and len(secret) >= 4:
+            text = text.replace(secret, "***")
+    return text
+
+
+def retry_after_seconds(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+
+
+def error_for_status(status: int, message: str, *, retry_after: float | None = None) -> UpstreamError:
+    """Map an upstream HTTP status to what the client sees if no other route serves the request."""
+    if status == 429:
+        return UpstreamError(f"upstream rate limited: {message}", status=429, code="upstream_rate_limited",
+                             retryable=True, retry_after=retry_after)
+    if status >= 500:
+        return UpstreamError(f"upstream error ({status}): {message}", status=502, code="upstream_error",
+                             retryable=True, retry_after=retry_after)
+    if status in (401, 403):
+        # The gateway's own upstream credentials are wrong: not the client's fault, another route may work.
+        return UpstreamError("upstream rejected the gateway's credentials", status=502, code="upstream_auth_failed",
+                             fallback=True)
+    if status == 404:
+        return UpstreamError(f"upstream could not find the model or endpoint: {message}", status=502,
+                             code="upstream_not_found", fallback=True)
+    return UpstreamError(f"upstream rejected the request: {message}", status=400, code="upstream_rejected")
+
+
+def transport_error(exc: httpx.HTTPError) -> UpstreamError:
+    if isinstance(exc, httpx.TimeoutException):
+        return UpstreamError("upstream timed out", status=504, code="upstream_timeout", retryable=True)
+    if isinstance(exc, (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)):
+        return UpstreamError("upstream unreachable", status=503, code="upstream_unavailable", retryable=True)
+    return UpstreamError("upstream request failed", status=502, code="upstream_error", retryable=True)
+
+
+def parse_json(response: httpx.Response) -> Any:
+    try:
+        return orjson.loads(response.content)
+    except orjson.JSONDecodeError:
+        raise UpstreamError("upstream answered with something that is not JSON", status=502,
+                            code="upstream_bad_response", fallback=True) from None
+
+
+def decode_b64_image(text: Any, *, seed: int | None = None) -> GeneratedImage:
+    """Base64 (or a data URI) from an upstream into bytes; garbage is a 502, not a 500."""
+    if not isinstance(text, str) or not text:
+        raise bad_response("image data missing from upstream answer")
+    b64 = text.split(",", 1)[1] if text.startswith("data:") else text
+    try:
+        data = base64.b64decode(b64, validate=True)
+    except (binascii.Error, ValueError):
+        raise bad_response("upstream image data is not valid base64") from None
+    return GeneratedImage(data=data, seed=seed, b64=b64)
+
+
+def bad_response(message: str) -> UpstreamError:
+    return UpstreamError(message, status=502, code="upstream_bad_response", fallback=True)
+
+
+def host_allowed(url: str, allowed: Iterable[str]) -> bool:
+    parts = urlsplit(url)
+    host = (parts.hostname or "").lower()
+    if parts.scheme not in ("http", "https") or not host:
+        return False
+    for entry in allowed:
+        entry = entry.lower()
+        if host == entry.lstrip(".") or (entry.startswith(".") and host.endswith(entry)):
+            return True
+    return False
+
+
+async def download(
+    client: httpx.AsyncClient, url: str, *, allowed_hosts: Iterable[str], max_bytes: int, timeout_s: float
+) -> bytes:
+    """Fetch an upstream result URL at once: own hosts only (every redirect too), size cap, timeout.
+
+    `client` must carry no credentials: result URLs often live on storage hosts, not the API host.
+    """
+    allowed = list(allowed_hosts)
+    for _ in range(MAX_REDIRECTS + 1):
+        if not host_allowed(url, allowed):
+            raise bad_response("upstream returned an image URL on a host it does not own")
+        try:
+            async with client.stream("GET", url, timeout=timeout_s) as resp:
+                if resp.is_redirect and "location" in resp.headers:
+                    url = urljoin(url, resp.headers["location"])
+                    continue
+                if resp.status_code != 200:
+                    raise UpstreamError(f"upstream image download failed ({resp.status_code})", status=502,
+                                        code="upstream_download_failed", retryable=resp.status_code >= 500,
+                                        fallback=True)
+                return await _read_capped(resp, max_bytes)
+        except httpx.HTTPError as exc:
+            raise transport_error(exc) from None
+    raise bad_response("too many redirects downloading the upstream image")
+
+
+async def _read_capped(resp: httpx.Response, max_bytes: int) -> bytes:
+    declared = resp.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > max_bytes:
+        raise bad_response("upstream image is larger than the download limit")
+    chunks: list[bytes] = []
+    total = 0
+    async for chunk in resp.aiter_bytes():
+        total += len(chunk)
+        if total > max_bytes:
+            raise bad_response("upstream image is larger than the download limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def base_host(base_url: str) -> str:
+    return (urlsplit(base_url).hostname or "").lower()

@@ -1,0 +1,118 @@
+"""Image checks and conversions with Pillow, shared by the router and the adapters.
+
+Every image that crosses the gateway (client inputs, upstream outputs) goes through `inspect`:
+magic bytes first, then Pillow restricted to an allow-list of formats, a pixel cap checked from
+the header before anything is decoded (no decompression bombs), then a structural check.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+from PIL import Image, UnidentifiedImageError
+
+# Pillow's own bomb guard stays on as a backstop; our explicit cap below is the real limit.
+Image.MAX_IMAGE_PIXELS = 100_000_000
+
+FORMATS = {"PNG": "png", "JPEG": "jpeg", "WEBP": "webp"}
+PIL_NAMES = {v: k for k, v in FORMATS.items()}
+DEFAULT_MAX_PIXELS = 50_000_000
+_ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
+
+
+class ImageCheckError(ValueError):
+    """The bytes are not an acceptable image; the message is safe to show a client."""
+
+
+@dataclass(frozen=True, slots=True)
+class ImageInfo:
+    format: str  # png | jpeg | webp
+    width: int
+    height: int
+    mode: str
+    has_alpha: bool
+
+
+def sniff_format(data: bytes) -> str | None:
+    """The format from magic bytes alone, or None."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if len(data) >= 12 and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    return None
+
+
+def _has_alpha(img: Image.Image) -> bool:
+    return img.mode in _ALPHA_MODES or "transparency" in img.info
+
+
+def inspect(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, decode: bool = False) -> ImageInfo:
+    """Check that `data` is a PNG, JPEG or WebP image within the pixel cap.
+
+    `decode=False` parses headers and verifies the structure (PNG chunk CRCs) without decoding
+    pixels: cheap enough for every upstream output. `decode=True` decodes fully, which also
+    catches truncated JPEG/WebP data; used for client inputs.
+    """
+    if sniff_format(data) is None:
+        raise ImageCheckError("not a PNG, JPEG or WebP image")
+    try:
+        with Image.open(io.BytesIO(data), formats=list(FORMATS)) as img:
+            width, height = img.size
+            if width < 1 or height < 1 or width * height > max_pixels:
+                raise ImageCheckError(f"image of {width}x{height} pixels is over the limit of {max_pixels} pixels")
+            info = ImageInfo(FORMATS[img.format], width, height, img.mode, _has_alpha(img))
+            if decode:
+                img.load()
+            else:
+                img.verify()
+    except ImageCheckError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise ImageCheckError("image data is corrupt or truncated") from exc
+    return info
+
+
+def open_image(data: bytes) -> Image.Image:
+    """Decode bytes already passed through `inspect`."""
+    img = Image.open(io.BytesIO(data), formats=list(FORMATS))
+    img.load()
+    return img
+
+
+def encode(img: Image.Image, fmt: str, *, compression: int | None = None, png_level: int = 6) -> bytes:
+    """Encode to png/jpeg/webp. `compression` is OpenAI's 0–100 (100 = best quality)."""
+    buf = io.BytesIO()
+    if fmt == "png":
+        img.save(buf, "PNG", compress_level=png_level)
+    else:
+        quality = 95 if compression is None else max(1, min(100, compression))
+        if fmt == "jpeg" and img.mode not in ("RGB", "L"):
+            img = flatten(img)
+        img.save(buf, PIL_NAMES[fmt], quality=quality)
+    return buf.getvalue()
+
+
+def flatten(img: Image.Image, color: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """Composite an image with transparency onto an opaque background."""
+    if not _has_alpha(img):
+        return img.convert("RGB")
+    rgba = img.convert("RGBA")
+    base = Image.new("RGB", rgba.size, color)
+    base.paste(rgba, mask=rgba.getchannel("A"))
+    return base
+
+
+def convert(
+    data: bytes, info: ImageInfo, *, to_format: str, compression: int | None, background: str | None
+) -> bytes:
+    """Re-encode only when the format differs or an opaque result is asked of an image with alpha."""
+    needs_flatten = background == "opaque" and info.has_alpha
+    if info.format == to_format and not needs_flatten:
+        return data
+    img = open_image(data)
+    if needs_flatten:
+        img = flatten(img)
+    return encode(img, to_format, compression=compression)

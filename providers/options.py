@@ -1,0 +1,32 @@
+"""Options shared by every provider instance in the YAML `providers:` section.
+
+Each adapter subclasses `ProviderOptions` with its own fields; unknown keys are errors, so a
+typo in the YAML is reported by path instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ProviderOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: str
+    enabled: bool = True
+    max_concurrency: int = Field(default=16, ge=1)
+    max_queue: int = Field(default=64, ge=0)
+    timeout_s: float = Field(default=300.0, gt=0)
+
+
+class HTTPProviderOptions(ProviderOptions):
+    """For adapters that call a remote HTTP API."""
+
+    base_url: str
+    api_key: str = ""
+    connect_timeout_s: float = Field(default=10.0, gt=0)
+    max_connections: int = Field(default=64, ge=1)
+    # Hosts (besides base_url's) that result URLs may be downloaded from; ".example.com" = any subdomain.
+    download_hosts: list[str] = Field(default_factory=list)
+    max_download_mb: float = Field(default=50.0, gt=0)
+    download_timeout_s: float = Field(default=60.0, gt=0)

@@ -1,0 +1,1 @@
+"""The HTTP surface of imagegate: validation, routing, output normalization, metrics, CLI."""

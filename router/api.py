@@ -1,0 +1,107 @@
+"""Everything but the image endpoints: models, uploads, artifacts, health, readiness, metrics."""
+
+from __future__ import annotations
+
+import hmac
+import time
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from .errors import ApiError, invalid
+from .gateway import Gateway, JSONResponse
+from .inputs import check_image, decode_b64, media_type, read_form, read_json
+
+_STARTED = int(time.time())
+
+
+def _gw(request: Request, endpoint: str) -> Gateway:
+    request.state.endpoint = endpoint
+    return request.app.state.gateway
+
+
+def _model_card(gw: Gateway, model_id: str) -> dict[str, Any]:
+    model = gw.router.model(model_id)
+    return {
+        "id": model_id, "object": "model", "created": _STARTED, "owned_by": "imagegate",
+        "aliases": model.aliases, "description": model.description,
+        "capabilities": sorted(gw.router.capabilities(model_id)),
+        "limits": model.limits.model_dump(), "sizes": model.sizes, "default_size": model.default_size,
+        "price_per_mp": float(model.price_per_mp),
+        "routes": [{"provider": r.provider, "enabled": r.provider in gw.providers} for r in model.routes],
+    }
+
+
+async def list_models(request: Request) -> Response:
+    gw = _gw(request, "/v1/models")
+    return JSONResponse({"object": "list", "data": [_model_card(gw, m) for m in gw.cfg.models]})
+
+
+async def get_model(request: Request) -> Response:
+    gw = _gw(request, "/v1/models/{id}")
+    return JSONResponse(_model_card(gw, gw.router.resolve(request.path_params["model_id"])))
+
+
+async def upload(request: Request) -> Response:
+    """Store an input image (multipart `file`, or JSON `{"file": "<data URI or base64>"}`)."""
+    gw = _gw(request, "/v1/uploads")
+    if media_type(request) == "application/json":
+        body = await read_json(request)
+        ref = body.get("file") if isinstance(body, dict) else None
+        if not isinstance(ref, str):
+            raise invalid("'file' must be a data URI or base64 string", "file", code="missing_required_parameter")
+        data = decode_b64(ref, "file")
+    else:
+        form = await read_form(request)
+        part = form.get("file")
+        if part is None or isinstance(part, str):
+            raise invalid("multipart field 'file' with the image is required", "file",
+                          code="missing_required_parameter")
+        data = await part.read()
+    image = await check_image(data, "file", gw.cfg.server.max_image_pixels)
+    art = await gw.artifacts.put(data, content_type=image.content_type, width=image.width, height=image.height)
+    return JSONResponse(art.public())
+
+
+async def artifact_content(request: Request) -> Response:
+    gw = _gw(request, "/v1/artifacts/{id}/content")
+    artifact_id = request.path_params["artifact_id"]
+    expires, signature = request.query_params.get("expires"), request.query_params.get("signature")
+    if expires is not None or signature is not None:
+        if not gw.artifacts.check_signature(artifact_id, expires or "", signature or ""):
+            raise ApiError(403, "the artifact URL is invalid or has expired", code="invalid_signature")
+    found = await gw.artifacts.get(artifact_id)
+    if found is None:
+        raise ApiError(404, f"artifact '{artifact_id}' not found", code="artifact_not_found")
+    art, data = found
+    return Response(data, media_type=art.content_type, headers={"cache-control": "private, max-age=3600"})
+
+
+async def healthz(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    gw: Gateway = request.app.state.gateway
+    checks = {
+        "config": True,
+        "artifacts": gw.artifacts.dir.is_dir(),
+        "routes": any(gw.router.routes[m] for m in gw.cfg.models),
+    }
+    ready = all(checks.values())
+    body = {"status": "ready" if ready else "not_ready", "checks": checks, "disabled_providers": gw.disabled}
+    return JSONResponse(body, status_code=200 if ready else 503)
+
+
+async def metrics(request: Request) -> Response:
+    gw: Gateway = request.app.state.gateway
+    if not gw.cfg.metrics.enabled:
+        raise ApiError(404, "metrics are disabled", code="not_found")
+    token = gw.cfg.metrics.token
+    if token:
+        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(given.encode(), token.encode()):
+            raise ApiError(401, "metrics need the configured bearer token", code="invalid_token")
+    data, content_type = gw.metrics.render()
+    return Response(data, media_type=content_type)

@@ -1,0 +1,269 @@
+"""The YAML configuration: `${ENV}` interpolation, pydantic validation, errors listed by path."""
+
+from __future__ import annotations
+
+import os
+import re
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from providers import registry
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "default.yaml"
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+
+
+class ConfigError(Exception):
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def parse_size(value: str) -> tuple[int, int] | None:
+    match = _SIZE.match(value)
+    return (int(match[1]), int(match[2])) if match else None
+
+
+class ServerConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    public_url: str = ""
+    max_body_mb: float = Field(default=50, gt=0)
+    request_timeout_s: float = Field(default=300, gt=0)
+    max_image_pixels: int = Field(default=50_000_000, ge=1)
+
+
+class StateConfig(_Strict):
+    url: str = "sqlite:///./data/imagegate.db"
+
+
+class ArtifactsConfig(_Strict):
+    dir: str = "./data/artifacts"
+    ttl_hours: float = Field(default=24, gt=0)
+
+
+class AuthConfig(_Strict):
+    enabled: bool = False
+    admin_key: str = ""
+    signing_secret: str = ""
+
+
+class MetricsConfig(_Strict):
+    enabled: bool = True
+    token: str = ""
+
+
+class AutoConfig(_Strict):
+    policy: Literal["priority", "cheapest", "fastest", "least_busy"] = "priority"
+    candidates: list[str] = Field(default_factory=list)
+
+
+class Limits(_Strict):
+    min_side: int = Field(default=64, ge=1)
+    max_side: int = Field(default=2048, ge=1)
+    multiple_of: int = Field(default=8, ge=1)
+    max_n: int = Field(default=4, ge=1, le=16)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Limits:
+        if self.min_side > self.max_side:
+            raise ValueError("min_side is larger than max_side")
+        return self
+
+
+class Defaults(_Strict):
+    steps: int | None = Field(default=None, ge=1, le=60)
+    guidance_scale: float | None = Field(default=None, ge=0)
+    negative_prompt: str | None = None
+    strength: float | None = Field(default=None, ge=0, le=1)
+
+
+class RetryConfig(_Strict):
+    attempts: int = Field(default=1, ge=1, le=10)
+    on: list[Literal["connect", "timeout", "429", "5xx"]] = Field(default_factory=lambda: ["connect", "timeout", "429", "5xx"])
+
+
+class RouteConfig(BaseModel):
+    # Extra keys (family, sampler, scheduler…) are route options for the adapter.
+    model_config = ConfigDict(extra="allow")
+
+    provider: str
+    model: str
+    retry: RetryConfig = Field(default_factory=RetryConfig)
+    cost_per_mp: Decimal | None = None
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class ModelConfig(_Strict):
+    aliases: list[str] = Field(default_factory=list)
+    description: str = ""
+    price_per_mp: Decimal = Field(default=Decimal(0), ge=0)
+    default_size: str = "1024x1024"
+    sizes: list[str] = Field(default_factory=list)
+    limits: Limits = Field(default_factory=Limits)
+    defaults: Defaults = Field(default_factory=Defaults)
+    quality: dict[str, Defaults] = Field(default_factory=dict)
+    capabilities: list[Literal["generate", "edit", "inpaint", "multi-reference", "transparent"]] | None = None
+    allow_extra_fields: bool = False
+    routes: list[RouteConfig] = Field(min_length=1)
+
+    @field_validator("price_per_mp", mode="before")
+    @classmethod
+    def _exact_price(cls, value: Any) -> Any:
+        # YAML reads 0.0015 as a float; going through str keeps the decimal the operator wrote.
+        return str(value) if isinstance(value, float) else value
+
+    @field_validator("default_size")
+    @classmethod
+    def _size_shape(cls, value: str) -> str:
+        if parse_size(value) is None:
+            raise ValueError(f"size '{value}' is not of the form WIDTHxHEIGHT")
+        return value
+
+    @field_validator("sizes")
+    @classmethod
+    def _sizes_shape(cls, value: list[str]) -> list[str]:
+        for size in value:
+            cls._size_shape(size)
+        return value
+
+
+class Config(_Strict):
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    state: StateConfig = Field(default_factory=StateConfig)
+    artifacts: ArtifactsConfig = Field(default_factory=ArtifactsConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    providers: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    models: dict[str, ModelConfig] = Field(min_length=1)
+    default_model: str | None = None
+    auto: AutoConfig = Field(default_factory=AutoConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    # Where the file came from, for relative paths and messages; not a YAML key.
+    source: str = Field(default="", exclude=True)
+    # (path, NAME) of each `${NAME}` that was unset and had no default.
+    unset_env: list[tuple[str, str]] = Field(default_factory=list, exclude=True)
+
+
+def interpolate(value: Any, missing: list[tuple[str, str]], path: str = "") -> Any:
+    """Replace `${NAME}` / `${NAME:-default}` in every string.
+
+    An unset name without a default becomes '' and is recorded with its path, so the provider
+    that needed it can be disabled with a clear log line instead of failing later.
+    """
+    if isinstance(value, dict):
+        return {k: interpolate(v, missing, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [interpolate(v, missing, f"{path}[{i}]") for i, v in enumerate(value)]
+    if not isinstance(value, str):
+        return value
+
+    def sub(match: re.Match[str]) -> str:
+        name, default = match[1], match[2]
+        if name in os.environ:
+            return os.environ[name]
+        if default is None:
+            missing.append((path, name))
+            return ""
+        return default
+
+    return _ENV.sub(sub, value)
+
+
+def _path(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _provider_problems(providers: dict[str, dict[str, Any]]) -> list[str]:
+    problems = []
+    for name, raw in providers.items():
+        kind = raw.get("type") if isinstance(raw, dict) else None
+        if kind not in registry.KINDS:
+            known = ", ".join(sorted(registry.KINDS))
+            problems.append(f"providers.{name}.type: unknown provider type {kind!r} (known: {known})")
+            continue
+        try:
+            registry.KINDS[kind].Options.model_validate(raw)
+        except ValidationError as exc:
+            problems += [f"providers.{name}.{_path(e['loc'])}: {e['msg']}" for e in exc.errors()]
+    return problems
+
+
+def _cross_problems(cfg: Config) -> list[str]:
+    problems = []
+    names: dict[str, str] = {}
+    for model_id, model in cfg.models.items():
+        for alias in [model_id, *model.aliases]:
+            if alias == "auto":
+                problems.append(f"models.{model_id}: 'auto' is reserved")
+            elif alias in names and names[alias] != model_id:
+                problems.append(f"models.{model_id}.aliases: '{alias}' is already a name of model '{names[alias]}'")
+            names[alias] = model_id
+        for i, route in enumerate(model.routes):
+            if route.provider not in cfg.providers:
+                problems.append(f"models.{model_id}.routes[{i}].provider: unknown provider '{route.provider}'")
+        for i, size in enumerate(model.sizes):
+            if size not in model.sizes[:i] and not _within(parse_size(size), model.limits):
+                problems.append(f"models.{model_id}.sizes[{i}]: '{size}' is outside the model's limits")
+        if model.sizes and model.default_size not in model.sizes and "default_size" in model.model_fields_set:
+            problems.append(f"models.{model_id}.default_size: not one of the model's sizes")
+    if cfg.default_model is not None and cfg.default_model not in names:
+        problems.append(f"default_model: unknown model '{cfg.default_model}'")
+    for i, cand in enumerate(cfg.auto.candidates):
+        if cand not in names:
+            problems.append(f"auto.candidates[{i}]: unknown model '{cand}'")
+    return problems
+
+
+def _within(size: tuple[int, int] | None, limits: Limits) -> bool:
+    return size is not None and all(limits.min_side <= side <= limits.max_side for side in size)
+
+
+def load_text(text: str, source: str = "<string>") -> Config:
+    """Parse and validate a configuration; raises ConfigError listing every problem by path."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{source}: not valid YAML: {exc}"]) from None
+    if not isinstance(raw, dict):
+        raise ConfigError([f"{source}: the top level must be a mapping"])
+    missing: list[tuple[str, str]] = []
+    raw = interpolate(raw, missing)
+    problems: list[str] = []
+    cfg: Config | None = None
+    try:
+        cfg = Config.model_validate(raw)
+    except ValidationError as exc:
+        problems += [f"{_path(e['loc'])}: {e['msg']}" for e in exc.errors()]
+    if isinstance(raw.get("providers"), dict):
+        problems += _provider_problems(raw["providers"])
+    if cfg is not None:
+        problems += _cross_problems(cfg)
+    if problems:
+        raise ConfigError(problems)
+    assert cfg is not None
+    cfg.source, cfg.unset_env = source, missing
+    return cfg
+
+
+def load(path: str | os.PathLike[str] | None = None) -> Config:
+    file = Path(path) if path else DEFAULT_CONFIG
+    try:
+        text = file.read_text()
+    except OSError as exc:
+        raise ConfigError([f"{file}: cannot read: {exc.strerror}"]) from None
+    return load_text(text, str(file))

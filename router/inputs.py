@@ -1,0 +1,153 @@
+"""Reading request bodies: JSON, multipart as the openai SDK sends it, and input image references."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from typing import Any
+
+import anyio.to_thread
+import orjson
+from starlette.datastructures import FormData, UploadFile
+from starlette.requests import Request
+
+from providers.base import InputImage
+from providers.imaging import ImageCheckError, inspect
+
+from .artifacts import ArtifactStore
+from .errors import ApiError, invalid
+from .validation import Inputs
+
+MAX_INPUT_IMAGES = 16
+_IMAGE_FIELD = re.compile(r"^image(\[\d*\])?$")
+_DATA_URI = re.compile(r"^data:([\w.+-]+/[\w.+-]+)?(;[\w=.+-]+)*;base64,", re.ASCII)
+
+
+def media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+async def read_json(request: Request) -> Any:
+    if media_type(request) != "application/json":
+        raise ApiError(415, "Content-Type must be application/json", code="unsupported_media_type")
+    body = await request.body()
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise invalid("the request body is not valid JSON", code="invalid_json") from None
+
+
+async def read_form(request: Request) -> FormData:
+    if media_type(request) != "multipart/form-data":
+        raise ApiError(415, "Content-Type must be multipart/form-data or application/json",
+                       code="unsupported_media_type")
+    try:
+        return await request.form(max_files=MAX_INPUT_IMAGES + 2, max_fields=200)
+    except ApiError:
+        raise
+    except Exception:  # python-multipart / Starlette raise several types for a malformed body
+        raise invalid("the multipart body is malformed", code="invalid_multipart") from None
+
+
+def to_input(data: bytes, param: str, max_pixels: int) -> InputImage:
+    try:
+        info = inspect(data, max_pixels=max_pixels, decode=True)
+    except ImageCheckError as exc:
+        raise invalid(f"'{param}' is not a usable image: {exc}", param, code="invalid_image") from None
+    return InputImage(data=data, format=info.format, width=info.width, height=info.height, has_alpha=info.has_alpha)
+
+
+async def check_image(data: bytes, param: str, max_pixels: int) -> InputImage:
+    # Full decode catches truncated files; it runs in a thread to keep the event loop free.
+    return await anyio.to_thread.run_sync(to_input, data, param, max_pixels)
+
+
+def decode_b64(text: str, param: str) -> bytes:
+    match = _DATA_URI.match(text)
+    payload = text[match.end():] if match else text
+    if text.startswith("data:") and not match:
+        raise invalid(f"'{param}' is a data URI that is not base64", param, code="invalid_base64")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise invalid(f"'{param}' is not valid base64", param, code="invalid_base64") from None
+
+
+async def resolve_reference(ref: Any, param: str, store: ArtifactStore, max_pixels: int) -> InputImage:
+    """A JSON image reference: base64, data URI, artifact id, or OpenAI's {image_url}/{file_id} object."""
+    if isinstance(ref, dict):
+        keys = [k for k in ("image_url", "file_id") if ref.get(k)]
+        if len(keys) != 1:
+            raise invalid(f"'{param}' must have exactly one of image_url or file_id", param)
+        ref = ref[keys[0]]
+    if not isinstance(ref, str) or not ref:
+        raise invalid(f"'{param}' must be a base64 string, a data URI or an artifact id", param)
+    if ArtifactStore.valid_id(ref):
+        found = await store.get(ref)
+        if found is None:
+            raise ApiError(404, f"artifact '{ref}' not found", param=param, code="artifact_not_found")
+        return await check_image(found[1], param, max_pixels)
+    if ref.startswith(("http://", "https://")):
+        raise invalid(f"'{param}': image URLs are not accepted; upload it to /v1/uploads or send base64", param,
+                      code="unsupported_image_url")
+    return await check_image(decode_b64(ref, param), param, max_pixels)
+
+
+async def json_inputs(body: dict[str, Any], store: ArtifactStore, max_pixels: int) -> Inputs:
+    """`image` (one reference) and/or `images` (a list), and `mask`; removed from `body`."""
+    refs: list[tuple[Any, str]] = []
+    image = body.pop("image", None)
+    if isinstance(image, list):
+        refs += [(r, f"image[{i}]") for i, r in enumerate(image)]
+    elif image is not None:
+        refs.append((image, "image"))
+    images = body.pop("images", None)
+    if images is not None:
+        if not isinstance(images, list):
+            raise invalid("'images' must be a list of image references", "images")
+        refs += [(r, f"images[{i}]") for i, r in enumerate(images)]
+    if len(refs) > MAX_INPUT_IMAGES:
+        raise invalid(f"at most {MAX_INPUT_IMAGES} input images", "image")
+    inputs = Inputs(images=[await resolve_reference(r, p, store, max_pixels) for r, p in refs])
+    mask = body.pop("mask", None)
+    if mask is not None:
+        inputs.mask = await resolve_reference(mask, "mask", store, max_pixels)
+    return check_mask(inputs)
+
+
+async def form_inputs(form: FormData, max_pixels: int) -> tuple[Inputs, dict[str, Any]]:
+    """Files as the SDK names them (`image`, `image[]`, `image[0]`…, `mask`) and the text fields."""
+    inputs = Inputs()
+    fields: dict[str, Any] = {}
+    for key, value in form.multi_items():
+        if isinstance(value, UploadFile):
+            data = await value.read()
+            if _IMAGE_FIELD.match(key):
+                if len(inputs.images) >= MAX_INPUT_IMAGES:
+                    raise invalid(f"at most {MAX_INPUT_IMAGES} input images", "image")
+                inputs.images.append(await check_image(data, "image", max_pixels))
+            elif key == "mask":
+                inputs.mask = await check_image(data, "mask", max_pixels)
+            else:
+                raise invalid(f"unexpected file field '{key}'", key, code="unknown_parameter")
+        elif key in fields:
+            raise invalid(f"field '{key}' was given more than once", key)
+        else:
+            fields[key] = value
+    return check_mask(inputs), fields
+
+
+def check_mask(inputs: Inputs) -> Inputs:
+    mask = inputs.mask
+    if mask is None:
+        return inputs
+    if not inputs.images:
+        raise invalid("a mask needs an image", "image", code="missing_required_parameter")
+    first = inputs.images[0]
+    if (mask.width, mask.height) != (first.width, first.height):
+        raise invalid(f"the mask is {mask.width}x{mask.height} but the image is {first.width}x{first.height}; "
+                      "they must be the same size", "mask")
+    if not mask.has_alpha:
+        raise invalid("the mask needs an alpha channel (fully transparent pixels mark the area to edit)", "mask")
+    return inputs

@@ -1,0 +1,69 @@
+"""Request bodies as pydantic models: types and ranges; per-model rules live in `validation`."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import invalid
+
+MAX_PROMPT = 32_000
+# Fields of OpenAI's API (or ours) that some upstreams understand and we pass on as hints.
+HINT_FIELDS = ("user", "safety_identifier", "moderation", "style", "input_fidelity")
+
+
+class GenerationBody(BaseModel):
+    # Extras are kept so that we can name an unknown field, or pass it on where the model allows.
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    model: str | None = None
+    prompt: str | None = None
+    n: int | None = Field(default=None, ge=1)
+    size: str | None = None
+    aspect_ratio: str | None = None
+    response_format: Literal["b64_json", "url"] | None = None
+    output_format: Literal["png", "jpeg", "jpg", "webp"] | None = None
+    output_compression: int | None = Field(default=None, ge=0, le=100)
+    background: Literal["auto", "opaque", "transparent"] | None = None
+    quality: Literal["auto", "low", "medium", "high", "standard", "hd"] | None = None
+    negative_prompt: str | None = Field(default=None, max_length=MAX_PROMPT)
+    seed: int | None = Field(default=None, ge=0, le=2**32 - 1)
+    steps: int | None = None
+    guidance_scale: float | None = Field(default=None, ge=0, le=100)
+    stream: bool | None = None
+    partial_images: int | None = Field(default=None, ge=0, le=3)
+    user: str | None = None
+    safety_identifier: str | None = None
+    moderation: Literal["auto", "low"] | None = None
+    style: Literal["vivid", "natural"] | None = None
+    is_async: bool | None = Field(default=None, alias="async")
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, value: str | None) -> str | None:
+        if value is not None and len(value) > MAX_PROMPT:
+            raise ValueError(f"prompt is longer than {MAX_PROMPT} characters")
+        return value
+
+    def hints(self) -> dict[str, Any]:
+        return {k: getattr(self, k, None) for k in HINT_FIELDS if getattr(self, k, None) is not None}
+
+
+class EditBody(GenerationBody):
+    strength: float | None = Field(default=None, ge=0, le=1)
+    input_fidelity: Literal["low", "high"] | None = None
+
+
+def parse_body(model: type[GenerationBody], data: Any) -> GenerationBody:
+    """Validate a decoded body; the first problem becomes a 400 naming its field."""
+    if not isinstance(data, dict):
+        raise invalid("the request body must be a JSON object", code="invalid_json")
+    # OpenAI clients send JSON null for "not set"; treat it as absent.
+    data = {k: v for k, v in data.items() if v is not None}
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = str(first["loc"][0]) if first["loc"] else None
+        raise invalid(f"invalid value for '{param}': {first['msg']}", param=param) from None
