@@ -70,7 +70,10 @@ def inspect(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, decode: bool =
                 img.verify()
     except ImageCheckError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:
+        # Pillow's backstop fires in `open` for headers far over the cap, before our own check.
+        raise ImageCheckError("image dimensions are over the pixel limit") from exc
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise ImageCheckError("image data is corrupt or truncated") from exc
     return info
 

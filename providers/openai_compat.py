@@ -108,9 +108,13 @@ class OpenAIProvider(Provider):
                 image.revised_prompt = item["revised_prompt"]
             images[i] = image
 
-        async with anyio.create_task_group() as tg:
-            for i, item in enumerate(items):
-                tg.start_soon(one, i, item)
+        try:
+            async with anyio.create_task_group() as tg:
+                for i, item in enumerate(items):
+                    tg.start_soon(one, i, item)
+        except* UpstreamError as group:
+            # A task group wraps what its tasks raise; the router expects the UpstreamError itself.
+            raise group.exceptions[0] from None
         return [img for img in images if img is not None]
 
     async def _download(self, url: str) -> bytes:

@@ -18,6 +18,18 @@ _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2 booleans: only true/false. YAML 1.1 would read the `on:` of `retry` as True."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+
+
 class ConfigError(Exception):
     def __init__(self, problems: list[str]) -> None:
         super().__init__("\n".join(problems))
@@ -91,6 +103,12 @@ class RetryConfig(_Strict):
     attempts: int = Field(default=1, ge=1, le=10)
     on: list[Literal["connect", "timeout", "429", "5xx"]] = Field(default_factory=lambda: ["connect", "timeout", "429", "5xx"])
 
+    @field_validator("on", mode="before")
+    @classmethod
+    def _unquoted_codes(cls, value: Any) -> Any:
+        # `on: [429, 5xx]` reads 429 as an int.
+        return [str(v) for v in value] if isinstance(value, list) else value
+
 
 class RouteConfig(BaseModel):
     # Extra keys (family, sampler, scheduler…) are route options for the adapter.
@@ -159,8 +177,9 @@ class Config(_Strict):
 def interpolate(value: Any, missing: list[tuple[str, str]], path: str = "") -> Any:
     """Replace `${NAME}` / `${NAME:-default}` in every string.
 
-    An unset name without a default becomes '' and is recorded with its path, so the provider
-    that needed it can be disabled with a clear log line instead of failing later.
+    As `:-` does in the shell, a name set to '' counts as unset. An unset name without a default
+    becomes '' and is recorded with its path, so the provider that needed it can be disabled with
+    a clear log line instead of failing later.
     """
     if isinstance(value, dict):
         return {k: interpolate(v, missing, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
@@ -171,7 +190,7 @@ def interpolate(value: Any, missing: list[tuple[str, str]], path: str = "") -> A
 
     def sub(match: re.Match[str]) -> str:
         name, default = match[1], match[2]
-        if name in os.environ:
+        if os.environ.get(name):
             return os.environ[name]
         if default is None:
             missing.append((path, name))
@@ -203,30 +222,55 @@ def _provider_problems(providers: dict[str, dict[str, Any]]) -> list[str]:
     return problems
 
 
-def _cross_problems(cfg: Config) -> list[str]:
+def _cross_problems(raw: dict[str, Any]) -> list[str]:
+    """References between sections (route -> provider, names, default_model, auto candidates).
+
+    Checked on the raw mapping, so that they are listed together with any field errors rather
+    than only once those are fixed.
+    """
     problems = []
+    providers = _mapping(raw.get("providers"))
     names: dict[str, str] = {}
-    for model_id, model in cfg.models.items():
-        for alias in [model_id, *model.aliases]:
+    for model_id, entry in _mapping(raw.get("models")).items():
+        entry = _mapping(entry)
+        for alias in [model_id, *_strings(entry.get("aliases"))]:
             if alias == "auto":
                 problems.append(f"models.{model_id}: 'auto' is reserved")
             elif alias in names and names[alias] != model_id:
                 problems.append(f"models.{model_id}.aliases: '{alias}' is already a name of model '{names[alias]}'")
             names[alias] = model_id
-        for i, route in enumerate(model.routes):
-            if route.provider not in cfg.providers:
-                problems.append(f"models.{model_id}.routes[{i}].provider: unknown provider '{route.provider}'")
+        for i, route in enumerate(_list(entry.get("routes"))):
+            provider = _mapping(route).get("provider")
+            if isinstance(provider, str) and provider not in providers:
+                problems.append(f"models.{model_id}.routes[{i}].provider: unknown provider '{provider}'")
+        try:
+            model = ModelConfig.model_validate(entry)
+        except ValidationError:
+            continue  # its field errors are listed already
         for i, size in enumerate(model.sizes):
             if size not in model.sizes[:i] and not _within(parse_size(size), model.limits):
                 problems.append(f"models.{model_id}.sizes[{i}]: '{size}' is outside the model's limits")
         if model.sizes and model.default_size not in model.sizes and "default_size" in model.model_fields_set:
             problems.append(f"models.{model_id}.default_size: not one of the model's sizes")
-    if cfg.default_model is not None and cfg.default_model not in names:
-        problems.append(f"default_model: unknown model '{cfg.default_model}'")
-    for i, cand in enumerate(cfg.auto.candidates):
-        if cand not in names:
+    default_model = raw.get("default_model")
+    if isinstance(default_model, str) and default_model not in names:
+        problems.append(f"default_model: unknown model '{default_model}'")
+    for i, cand in enumerate(_list(_mapping(raw.get("auto")).get("candidates"))):
+        if isinstance(cand, str) and cand not in names:
             problems.append(f"auto.candidates[{i}]: unknown model '{cand}'")
     return problems
+
+
+def _mapping(value: Any) -> dict[Any, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def _strings(value: Any) -> list[str]:
+    return [v for v in _list(value) if isinstance(v, str)]
 
 
 def _within(size: tuple[int, int] | None, limits: Limits) -> bool:
@@ -236,7 +280,7 @@ def _within(size: tuple[int, int] | None, limits: Limits) -> bool:
 def load_text(text: str, source: str = "<string>") -> Config:
     """Parse and validate a configuration; raises ConfigError listing every problem by path."""
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         raise ConfigError([f"{source}: not valid YAML: {exc}"]) from None
     if not isinstance(raw, dict):
@@ -251,8 +295,7 @@ def load_text(text: str, source: str = "<string>") -> Config:
         problems += [f"{_path(e['loc'])}: {e['msg']}" for e in exc.errors()]
     if isinstance(raw.get("providers"), dict):
         problems += _provider_problems(raw["providers"])
-    if cfg is not None:
-        problems += _cross_problems(cfg)
+    problems += _cross_problems(raw)
     if problems:
         raise ConfigError(problems)
     assert cfg is not None

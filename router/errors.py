@@ -50,7 +50,8 @@ async def api_error_handler(request: Request, exc: Exception) -> Response:
 async def http_error_handler(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-    return ApiError(exc.status_code, str(exc.detail), code=code).response()
+    # Keep Starlette's headers: a 405 must say which methods are allowed (`Allow`).
+    return ApiError(exc.status_code, str(exc.detail), code=code, headers=dict(exc.headers or {})).response()
 
 
 def internal_error() -> ApiError:

@@ -10,6 +10,7 @@ from typing import Any
 import anyio.to_thread
 import orjson
 from starlette.datastructures import FormData, UploadFile
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
 from providers.base import InputImage
@@ -20,6 +21,7 @@ from .errors import ApiError, invalid
 from .validation import Inputs
 
 MAX_INPUT_IMAGES = 16
+MAX_FORM_FILES = 100
 _IMAGE_FIELD = re.compile(r"^image(\[\d*\])?$")
 _DATA_URI = re.compile(r"^data:([\w.+-]+/[\w.+-]+)?(;[\w=.+-]+)*;base64,", re.ASCII)
 
@@ -43,9 +45,12 @@ async def read_form(request: Request) -> FormData:
         raise ApiError(415, "Content-Type must be multipart/form-data or application/json",
                        code="unsupported_media_type")
     try:
-        return await request.form(max_files=MAX_INPUT_IMAGES + 2, max_fields=200)
+        # Starlette's own file cap sits well above ours so that `form_inputs` names the field.
+        return await request.form(max_files=MAX_FORM_FILES, max_fields=200)
     except ApiError:
         raise
+    except HTTPException as exc:
+        raise invalid(f"the multipart body is malformed: {exc.detail}", code="invalid_multipart") from None
     except Exception:  # python-multipart / Starlette raise several types for a malformed body
         raise invalid("the multipart body is malformed", code="invalid_multipart") from None
 

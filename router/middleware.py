@@ -32,12 +32,12 @@ class GatewayMiddleware:
         request_id = incoming if _SANE_ID.match(incoming) else f"req_{secrets.token_hex(12)}".encode()
         state = scope.setdefault("state", {})
         state["request_id"] = request_id.decode()
-        status, started = 500, False
+        status, response_started = 500, False
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status, started
+            nonlocal status, response_started
             if message["type"] == "http.response.start":
-                status, started = message["status"], True
+                status, response_started = message["status"], True
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id)]
             await send(message)
 
@@ -50,7 +50,7 @@ class GatewayMiddleware:
         except Exception:
             # Last resort: log the trace, answer an OpenAI-shaped 500 that carries the request id.
             log.exception("unhandled error (request %s)", state["request_id"])
-            if not started:
+            if not response_started:
                 await internal_error().response()(scope, receive, send_with_id)
         if self.metrics is not None:
             endpoint = state.get("endpoint")

@@ -55,12 +55,18 @@ class EditBody(GenerationBody):
     input_fidelity: Literal["low", "high"] | None = None
 
 
+_NUMBERS = {"n", "seed", "steps", "guidance_scale", "output_compression", "partial_images", "strength"}
+
+
 def parse_body(model: type[GenerationBody], data: Any) -> GenerationBody:
     """Validate a decoded body; the first problem becomes a 400 naming its field."""
     if not isinstance(data, dict):
         raise invalid("the request body must be a JSON object", code="invalid_json")
     # OpenAI clients send JSON null for "not set"; treat it as absent.
     data = {k: v for k, v in data.items() if v is not None}
+    for name in _NUMBERS & data.keys():
+        if isinstance(data[name], bool):  # pydantic would read true as 1
+            raise invalid(f"invalid value for '{name}': expected a number, got a boolean", param=name)
     try:
         return model.model_validate(data)
     except ValidationError as exc:

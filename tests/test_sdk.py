@@ -153,3 +153,7 @@ def test_health_ready_metrics(gateway: Gateway) -> None:
     text = gateway.http.get("/metrics").text
     assert 'imagegate_requests_total{endpoint="/v1/images/generations",model="demo",status="200"}' in text
     assert "imagegate_request_seconds_bucket" in text and 'le="600.0"' in text
+    # The histogram holds request durations (milliseconds here), not time since the process began.
+    sums = [float(line.split()[-1]) for line in text.splitlines()
+            if line.startswith('imagegate_request_seconds_sum{endpoint="/v1/images/generations"')]
+    assert sums and all(0 < s < 30 for s in sums)
