@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import base64
 import binascii
 import re
 from typing import Any
 
 import anyio.to_thread
 import orjson
+import pybase64
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -74,7 +74,7 @@ def decode_b64(text: str, param: str) -> bytes:
     if text.startswith("data:") and not match:
         raise invalid(f"'{param}' is a data URI that is not base64", param, code="invalid_base64")
     try:
-        return base64.b64decode(payload, validate=True)
+        return pybase64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
         raise invalid(f"'{param}' is not valid base64", param, code="invalid_base64") from None
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import base64
 import time
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
 import anyio.to_thread
+import pybase64
 
 from providers.base import GeneratedImage, ImageRequest
 from providers.imaging import ImageCheckError, ImageInfo, convert, inspect
@@ -61,7 +61,7 @@ def _finish(image: GeneratedImage, request: ImageRequest, max_pixels: int) -> Fi
         return Finished(data, image.b64, info)  # untouched: reuse the upstream's own base64
     if data is not image.data:
         info = inspect(data, max_pixels=max_pixels)
-    return Finished(data, base64.b64encode(data).decode("ascii"), info)
+    return Finished(data, pybase64.b64encode(data).decode("ascii"), info)
 
 
 def _needs_thread(image: GeneratedImage, request: ImageRequest) -> bool:
