@@ -17,6 +17,7 @@ from .artifacts import ArtifactStore
 from .errors import ApiError
 
 MICRO = Decimal(1_000_000)
+_MAGIC = {"png": b"\x89PNG", "jpeg": b"\xff\xd8\xff", "webp": b"RIFF"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,8 +69,6 @@ def _needs_thread(image: GeneratedImage, request: ImageRequest) -> bool:
     # Checking headers and copying base64 is quick; decoding and re-encoding pixels is not.
     return not image.data.startswith(_MAGIC[request.output_format]) or request.background == "opaque"
 
-
-_MAGIC = {"png": b"\x89PNG", "jpeg": b"\xff\xd8\xff", "webp": b"RIFF"}
 
 
 async def finish_all(images: list[GeneratedImage], request: ImageRequest, max_pixels: int) -> list[Finished]:

@@ -30,7 +30,6 @@ class Route:
 class Served:
     result: ProviderResult
     route: Route
-    attempts: int
 
 
 class Router:
@@ -87,10 +86,10 @@ class Router:
             raise ApiError(503, f"no enabled route can serve model '{model_id}' now", code="no_healthy_route",
                            retry_after=30)
         last: UpstreamError | None = None
-        for attempt, route in enumerate(routes, start=1):
+        for route in routes:
             routed = replace(request, upstream_model=route.upstream_model, route_options=route.options)
             try:
-                return Served(await route.provider.generate(routed), route, attempt)
+                return Served(await route.provider.generate(routed), route)
             except UpstreamError as exc:
                 log.warning("model %s route %d (%s) failed: %s", model_id, route.index, route.provider.name, exc.code)
                 last = exc
