@@ -1,0 +1,101 @@
+"""`HTTPProvider`: the base of every adapter that calls a remote HTTP API.
+
+It owns one pooled `httpx.AsyncClient` per provider instance (the credentials live only in its
+headers) and a second, credential-less one for result downloads; it bounds the whole call with the
+instance's `timeout_s`, and turns every transport failure and garbage answer into an UpstreamError
+whose message never carries a secret.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from typing import Any
+
+import anyio
+import httpx
+
+from . import http
+from .base import ImageRequest, Provider, ProviderResult, UpstreamError
+from .options import HTTPProviderOptions
+
+
+class HTTPProvider(Provider):
+    options: HTTPProviderOptions
+    # Whether the upstream refuses every call without `api_key` (then an empty key disables the route).
+    requires_api_key = True
+
+    def __init__(self, name: str, options: HTTPProviderOptions) -> None:
+        super().__init__(name, options)
+        self.base = options.base_url.rstrip("/")
+        self._client: httpx.AsyncClient | None = None
+        self._downloads: httpx.AsyncClient | None = None
+
+    # -- what subclasses provide ---------------------------------------------------------------
+    def auth_headers(self) -> dict[str, str]:
+        """Headers that carry the credentials; sent on API calls, never on downloads."""
+        return {}
+
+    @abstractmethod
+    async def run(self, request: ImageRequest) -> ProviderResult:
+        """Generate, within the whole-call deadline that `generate` sets."""
+
+    def error(self, response: httpx.Response) -> UpstreamError:
+        """An upstream error answer as what the client should see; subclasses read their error body."""
+        return http.error_for_status(response.status_code, f"HTTP {response.status_code}",
+                                     retry_after=http.retry_after_seconds(response))
+
+    # -- shared machinery ----------------------------------------------------------------------
+    def secrets(self) -> list[str]:
+        return [self.options.api_key]
+
+    def missing_settings(self) -> list[str]:
+        return ["api_key"] if self.requires_api_key and not self.options.api_key else []
+
+    async def start(self) -> None:
+        self._client = http.make_client(self.options, {"accept": "application/json", **self.auth_headers()})
+        self._downloads = http.make_client(self.options, {})
+
+    async def aclose(self) -> None:
+        for client in (self._client, self._downloads):
+            if client is not None:
+                await client.aclose()
+
+    @property
+    def client(self) -> httpx.AsyncClient:
+        assert self._client is not None, "provider not started"
+        return self._client
+
+    async def generate(self, request: ImageRequest) -> ProviderResult:
+        try:
+            with anyio.fail_after(self.options.timeout_s):
+                return await self.run(request)
+        except TimeoutError:
+            raise UpstreamError(f"upstream did not finish within {self.options.timeout_s:g} s", status=504,
+                                code="upstream_timeout", retryable=True) from None
+
+    async def send(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        try:
+            return await self.client.request(method, url, **kwargs)
+        except httpx.HTTPError as exc:
+            raise http.transport_error(exc) from None
+
+    async def call(self, method: str, url: str, **kwargs: Any) -> Any:
+        """Send, map an error status through `error`, and parse the JSON answer."""
+        response = await self.send(method, url, **kwargs)
+        if response.status_code >= 300:
+            raise self.error(response)
+        return http.parse_json(response)
+
+    def download_hosts(self) -> list[str]:
+        return [http.base_host(self.base), *self.options.download_hosts]
+
+    async def download(self, url: str) -> bytes:
+        """Fetch a result URL now (they expire), from this provider's own hosts only."""
+        assert self._downloads is not None, "provider not started"
+        return await http.download(self._downloads, url, allowed_hosts=self.download_hosts(),
+                                   max_bytes=int(self.options.max_download_mb * 1024 * 1024),
+                                   timeout_s=self.options.download_timeout_s)
+
+    def clean(self, message: Any, limit: int = 500) -> str:
+        """An upstream message made safe to show: text, bounded, with every secret redacted."""
+        return http.redact(str(message), self.secrets())[:limit]
