@@ -8,6 +8,7 @@ client HTTP requests, billing or keys.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -57,6 +58,12 @@ class ImageRequest:
     extra: dict[str, Any] = field(default_factory=dict)
     # Per-route options from the YAML route entry (family, sampler, …), opaque to the router.
     route_options: dict[str, Any] = field(default_factory=dict)
+    # Streaming: how many intermediate previews the client wants, and where to send them
+    # (index, PNG bytes). Progress: (steps done, total). Called on the event loop; adapters that
+    # cannot preview ignore them.
+    partial_images: int = 0
+    on_partial: Callable[[int, bytes], None] | None = None
+    on_progress: Callable[[int, int], None] | None = None
 
     @property
     def size(self) -> str:
@@ -129,6 +136,14 @@ class Provider(ABC):
     def secrets(self) -> list[str]:
         """Values that must never appear in an error message or a log line."""
         return []
+
+    def unsupported(self, request: ImageRequest) -> str | None:
+        """Why this upstream cannot serve this request (its model family's size rules, too many
+        reference images, …), or None. The router then skips the route without calling it."""
+        return None
+
+    def bind_metrics(self, registry: Any) -> None:
+        """The gateway's prometheus CollectorRegistry, for kinds that export metrics of their own."""
 
     async def start(self) -> None:
         """Open clients and pools. Called once when the gateway starts."""

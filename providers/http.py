@@ -73,6 +73,9 @@ def error_for_status(status: int, message: str, *, retry_after: float | None = N
 
 
 def transport_error(exc: httpx.HTTPError) -> UpstreamError:
+    # Before the request was sent: the aiohttp transport reports a refused connection as ConnectTimeout.
+    if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
+        return UpstreamError("upstream unreachable", status=503, code="upstream_unavailable", retryable=True)
     if isinstance(exc, httpx.TimeoutException):
         return UpstreamError("upstream timed out", status=504, code="upstream_timeout", retryable=True)
     if isinstance(exc, (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)):
@@ -137,22 +140,29 @@ async def download(
                     raise UpstreamError(f"upstream image download failed ({resp.status_code})", status=502,
                                         code="upstream_download_failed", retryable=resp.status_code >= 500,
                                         fallback=True)
-                return await _read_capped(resp, max_bytes)
+                return await read_capped(resp, max_bytes)
+        except TooLarge:
+            raise bad_response("upstream image is larger than the download limit") from None
         except httpx.HTTPError as exc:
             raise transport_error(exc) from None
     raise bad_response("too many redirects downloading the upstream image")
 
 
-async def _read_capped(resp: httpx.Response, max_bytes: int) -> bytes:
+class TooLarge(Exception):
+    """A body over its byte cap; each caller turns it into its own error (upstream 502, client 400)."""
+
+
+async def read_capped(resp: httpx.Response, max_bytes: int) -> bytes:
+    """The body, refused early by Content-Length and then counted, so a lying header cannot pass."""
     declared = resp.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > max_bytes:
-        raise bad_response("upstream image is larger than the download limit")
+        raise TooLarge
     chunks: list[bytes] = []
     total = 0
     async for chunk in resp.aiter_bytes():
         total += len(chunk)
         if total > max_bytes:
-            raise bad_response("upstream image is larger than the download limit")
+            raise TooLarge
         chunks.append(chunk)
     return b"".join(chunks)
 

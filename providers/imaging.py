@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 # Pillow's own bomb guard stays on as a backstop; our explicit cap below is the real limit.
 Image.MAX_IMAGE_PIXELS = 100_000_000
@@ -108,14 +108,35 @@ def flatten(img: Image.Image, color: tuple[int, int, int] = (255, 255, 255)) -> 
     return base
 
 
+def needs_conversion(info: ImageInfo, *, to_format: str, background: str | None,
+                     size: tuple[int, int] | None = None) -> bool:
+    flatten_alpha = background == "opaque" and info.has_alpha
+    wrong_size = size is not None and (info.width, info.height) != size
+    return info.format != to_format or flatten_alpha or wrong_size
+
+
 def convert(
-    data: bytes, info: ImageInfo, *, to_format: str, compression: int | None, background: str | None
+    data: bytes, info: ImageInfo, *, to_format: str, compression: int | None, background: str | None,
+    size: tuple[int, int] | None = None,
 ) -> bytes:
-    """Re-encode only when the format differs or an opaque result is asked of an image with alpha."""
-    needs_flatten = background == "opaque" and info.has_alpha
-    if info.format == to_format and not needs_flatten:
+    """Re-encode only when the format, the size or (for an opaque result) the alpha must change.
+
+    A wrong size is fixed by cropping to the asked aspect ratio around the centre, then scaling.
+    """
+    if not needs_conversion(info, to_format=to_format, background=background, size=size):
         return data
     img = open_image(data)
-    if needs_flatten:
+    if size is not None and img.size != size:
+        img = ImageOps.fit(img, size, Image.Resampling.LANCZOS)
+    if background == "opaque" and info.has_alpha:
         img = flatten(img)
     return encode(img, to_format, compression=compression)
+
+
+def white_edit_mask(mask: bytes) -> bytes:
+    """An OpenAI mask (transparent = edit) as the grayscale mask A1111 and BFL Fill take (white = edit).
+
+    Alpha below half counts as transparent, so anti-aliased mask edges land on the side they lean to.
+    """
+    alpha = open_image(mask).convert("RGBA").getchannel("A")
+    return encode(alpha.point(lambda a: 255 if a < 128 else 0), "png", png_level=1)

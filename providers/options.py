@@ -9,14 +9,24 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 
+class CircuitOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    failures: int = Field(default=5, ge=1)  # consecutive failures that open the circuit
+    cooldown_s: float = Field(default=30.0, gt=0)  # open this long, then one probe is let through
+
+
 class ProviderOptions(BaseModel):
+    """What the router enforces around every instance (the adapter itself reads only timeout_s)."""
+
     model_config = ConfigDict(extra="forbid")
 
     type: str
     enabled: bool = True
-    max_concurrency: int = Field(default=16, ge=1)
-    max_queue: int = Field(default=64, ge=0)
-    timeout_s: float = Field(default=300.0, gt=0)
+    max_concurrency: int = Field(default=16, ge=1)  # calls in flight to this instance
+    max_queue: int = Field(default=64, ge=0)  # calls waiting beyond that; more get 429
+    timeout_s: float = Field(default=300.0, gt=0)  # one whole call, polling and downloads included
+    circuit: CircuitOptions = Field(default_factory=CircuitOptions)
 
 
 class HTTPProviderOptions(ProviderOptions):

@@ -1,15 +1,34 @@
-"""Which adapter class serves each `type:` of the YAML `providers:` section."""
+"""Which adapter class serves each `type:` of the YAML `providers:` section.
+
+Adapters are imported on first use: a kind with heavy dependencies (the local diffusers backend
+needs torch) costs nothing to a gateway that does not configure it.
+"""
 
 from __future__ import annotations
 
-from .base import Provider
-from .demo import DemoProvider
-from .openai_compat import OpenAIProvider
+from importlib import import_module
 
-KINDS: dict[str, type[Provider]] = {cls.kind: cls for cls in (DemoProvider, OpenAIProvider)}
+from .base import Provider
+
+_PATHS: dict[str, str] = {
+    "demo": "providers.demo:DemoProvider",
+    "openai": "providers.openai_compat:OpenAIProvider",
+    "a1111": "providers.a1111:A1111Provider",
+    "bfl": "providers.bfl:BFLProvider",
+    "dashscope": "providers.dashscope:DashScopeProvider",
+    "gemini": "providers.gemini:GeminiProvider",
+    "diffusers": "providers.diffusers:DiffusersProvider",
+}
+KINDS: frozenset[str] = frozenset(_PATHS)
+
+
+def kind_class(kind: str) -> type[Provider]:
+    module, _, name = _PATHS[kind].partition(":")
+    cls: type[Provider] = getattr(import_module(module), name)
+    return cls
 
 
 def create(name: str, options: dict) -> Provider:
     """Build a provider instance from its raw YAML mapping (validated by the kind's Options)."""
-    cls = KINDS[options["type"]]
+    cls = kind_class(options["type"])
     return cls(name, cls.Options.model_validate(options))

@@ -83,15 +83,44 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
+    """Ready when the config is loaded, artifacts can be stored and some route's circuit is not open."""
     gw: Gateway = request.app.state.gateway
-    checks = {
-        "config": True,
-        "artifacts": gw.artifacts.dir.is_dir(),
-        "routes": any(gw.router.routes[m] for m in gw.cfg.models),
-    }
+    health = gw.router.health
+    usable = any(health[r.provider.name].breaker.available() for m in gw.cfg.models for r in gw.router.routes[m])
+    checks = {"config": True, "artifacts": gw.artifacts.dir.is_dir(), "routes": usable, "accepting": not gw.draining}
     ready = all(checks.values())
-    body = {"status": "ready" if ready else "not_ready", "checks": checks, "disabled_providers": gw.disabled}
+    body = {"status": "ready" if ready else "not_ready", "checks": checks, "disabled_providers": gw.disabled,
+            "circuits": {name: h.breaker.state.name.lower() for name, h in health.items()}}
     return JSONResponse(body, status_code=200 if ready else 503)
+
+
+async def provider_health(request: Request) -> Response:
+    """Admin view: every provider instance with its circuit, load and observed latency."""
+    gw = _gw(request, "/admin/providers")
+    _require_admin(gw, request)
+    out = {}
+    for name, provider in gw.all_providers.items():
+        item: dict[str, Any] = {"type": provider.kind, "enabled": name in gw.providers}
+        if name in gw.disabled:
+            item["disabled_reason"] = gw.disabled[name]
+        if (h := gw.router.health.get(name)) is not None:
+            item.update({
+                "circuit": h.breaker.state.name.lower(), "consecutive_failures": h.breaker.consecutive,
+                "retry_after_s": h.breaker.retry_after() if h.breaker.state.name == "OPEN" else 0,
+                "in_flight": h.limiter.in_flight, "queued": h.limiter.waiting,
+                "max_concurrency": h.limiter.concurrency, "max_queue": h.limiter.max_queue,
+                "latency_s": h.latency.mean})
+        out[name] = item
+    return JSONResponse({"object": "list", "data": out})
+
+
+def _require_admin(gw: Gateway, request: Request) -> None:
+    key = gw.cfg.auth.admin_key
+    if not key:
+        raise ApiError(404, "the admin API is off: set auth.admin_key to turn it on", code="not_found")
+    given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+    if not hmac.compare_digest(given.encode(), key.encode()):
+        raise ApiError(401, "the admin API needs the admin key as a bearer token", code="invalid_admin_key")
 
 
 async def metrics(request: Request) -> Response:

@@ -123,8 +123,10 @@ class ArtifactStore:
         return hmac.new(self._secret, f"{artifact_id}:{expires}".encode(), hashlib.sha256).hexdigest()
 
     def signed_path(self, art: Artifact) -> str:
-        expires = art.expires_at
-        return f"/v1/artifacts/{art.id}/content?expires={expires}&signature={self._signature(art.id, expires)}"
+        return self.signed_path_for(art.id, art.expires_at)
+
+    def signed_path_for(self, artifact_id: str, expires: int) -> str:
+        return f"/v1/artifacts/{artifact_id}/content?expires={expires}&signature={self._signature(artifact_id, expires)}"
 
     def check_signature(self, artifact_id: str, expires: str, signature: str) -> bool:
         if not expires.isdigit() or int(expires) <= time.time():

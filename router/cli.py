@@ -1,12 +1,16 @@
-"""The `imagegate` command: serve, check-config."""
+"""The `imagegate` command: serve, worker, check-config, keys."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import tempfile
+from pathlib import Path
+from typing import Any
 
-from . import config
+from . import config, keys_cli
 
 
 def _load_or_exit(path: str | None) -> config.Config:
@@ -28,8 +32,37 @@ def cmd_serve(args: argparse.Namespace) -> None:
     host = args.host or cfg.server.host
     port = cfg.server.port if args.port is None else args.port
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(cfg), host=host, port=port, log_level=args.log_level, timeout_graceful_shutdown=30,
-                access_log=False)
+    # Past the grace period uvicorn cancels what is left; the gateway answers those 503 a second before.
+    options: dict[str, Any] = {"host": host, "port": port, "log_level": args.log_level, "access_log": False,
+                               "timeout_graceful_shutdown": cfg.server.shutdown_grace_s + 1}
+    if args.workers > 1:
+        _multiprocess_metrics()
+        os.environ["IMAGEGATE_CONFIG"] = str(Path(args.config).resolve()) if args.config else ""
+        uvicorn.run("router.app:app_from_env", factory=True, workers=args.workers, **options)
+    else:
+        uvicorn.run(create_app(cfg), **options)
+
+
+def _multiprocess_metrics() -> None:
+    """Worker processes share counters through files (prometheus-client's multiprocess mode)."""
+    from .metrics import MULTIPROCESS_ENV
+
+    directory = os.environ.get(MULTIPROCESS_ENV) or tempfile.mkdtemp(prefix="imagegate-metrics-")
+    os.environ[MULTIPROCESS_ENV] = directory
+    for stale in Path(directory).glob("*.db"):  # left by an earlier run: their counts are not ours
+        stale.unlink()
+
+
+def cmd_worker(args: argparse.Namespace) -> None:
+    """A GPU host: the same API, served by one process that owns this machine's GPUs (its
+    `diffusers` providers), so gateways route to it as an ordinary `openai` upstream."""
+    cfg = _load_or_exit(args.config)
+    local = [name for name, raw in cfg.providers.items() if raw.get("type") == "diffusers"]
+    if not local:
+        print(f"imagegate worker: {args.config} configures no `type: diffusers` provider", file=sys.stderr)
+        raise SystemExit(1)
+    args.workers = 1  # one process per machine: GPU memory is not shared between processes
+    cmd_serve(args)
 
 
 def cmd_check_config(args: argparse.Namespace) -> None:
@@ -46,11 +79,19 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", help="YAML file (default: the embedded config/default.yaml)")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
+    serve.add_argument("--workers", type=int, default=1, help="worker processes (metrics are summed over them)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.set_defaults(func=cmd_serve)
+    worker = sub.add_parser("worker", help="serve this machine's GPUs (its diffusers providers) as the same API")
+    worker.add_argument("--config", required=True, help="YAML file with `type: diffusers` providers")
+    worker.add_argument("--host")
+    worker.add_argument("--port", type=int)
+    worker.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    worker.set_defaults(func=cmd_worker)
     check = sub.add_parser("check-config", help="validate a YAML file; exit 1 listing each bad key")
     check.add_argument("file")
     check.set_defaults(func=cmd_check_config)
+    keys_cli.add_parser(sub, _load_or_exit)
     return p
 
 

@@ -51,11 +51,16 @@ class ServerConfig(_Strict):
     public_url: str = ""
     max_body_mb: float = Field(default=50, gt=0)
     request_timeout_s: float = Field(default=300, gt=0)
+    shutdown_grace_s: float = Field(default=30, ge=0)  # SIGTERM: in-flight work gets this long
     max_image_pixels: int = Field(default=50_000_000, ge=1)
 
 
 class StateConfig(_Strict):
     url: str = "sqlite:///./data/imagegate.db"
+    # A task's replica renews its lease every lease_s/3; one that lapses (the replica died) is failed
+    # and refunded by whichever replica's sweeper (every lease_s/2) sees it first.
+    lease_s: float = Field(default=30, gt=0, le=3600)
+    idempotency_hours: float = Field(default=24, gt=0)
 
 
 class ArtifactsConfig(_Strict):
@@ -72,6 +77,18 @@ class AuthConfig(_Strict):
 class MetricsConfig(_Strict):
     enabled: bool = True
     token: str = ""
+
+
+class InputsConfig(_Strict):
+    """Edit input images given as URLs: fetched by the gateway, so guarded against SSRF (router/fetch.py)."""
+
+    url_fetch: bool = True  # false: an image URL is a 400, as before
+    max_mb: float = Field(default=20, gt=0)
+    timeout_s: float = Field(default=15, gt=0)  # the whole fetch: DNS, redirects and body
+    # UNSAFE outside tests and closed deployments: plain http can be altered on the way, and private
+    # addresses let any client reach the gateway's own network (loopback, 10/8, …).
+    allow_http: bool = False
+    allow_private: bool = False
 
 
 class AutoConfig(_Strict):
@@ -100,8 +117,12 @@ class Defaults(_Strict):
 
 
 class RetryConfig(_Strict):
-    attempts: int = Field(default=1, ge=1, le=10)
-    on: list[Literal["connect", "timeout", "429", "5xx"]] = Field(default_factory=lambda: ["connect", "timeout", "429", "5xx"])
+    attempts: int = Field(default=1, ge=1, le=10)  # calls to this route, the first included
+    backoff_s: float = Field(default=0.5, ge=0)  # exponential backoff with full jitter from here …
+    max_backoff_s: float = Field(default=8.0, ge=0)  # … up to here
+    max_retry_after_s: float = Field(default=30.0, ge=0)  # a longer Retry-After: fall back instead of waiting
+    on: list[Literal["connect", "timeout", "429", "5xx"]] = Field(
+        default_factory=lambda: ["connect", "timeout", "429", "5xx"])
 
     @field_validator("on", mode="before")
     @classmethod
@@ -168,6 +189,7 @@ class Config(_Strict):
     default_model: str | None = None
     auto: AutoConfig = Field(default_factory=AutoConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    inputs: InputsConfig = Field(default_factory=InputsConfig)
     # Where the file came from, for relative paths and messages; not a YAML key.
     source: str = Field(default="", exclude=True)
     # (path, NAME) of each `${NAME}` that was unset and had no default.
@@ -216,7 +238,7 @@ def _provider_problems(providers: dict[str, dict[str, Any]]) -> list[str]:
             problems.append(f"providers.{name}.type: unknown provider type {kind!r} (known: {known})")
             continue
         try:
-            registry.KINDS[kind].Options.model_validate(raw)
+            registry.kind_class(kind).Options.model_validate(raw)
         except ValidationError as exc:
             problems += [f"providers.{name}.{_path(e['loc'])}: {e['msg']}" for e in exc.errors()]
     return problems

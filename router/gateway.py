@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import anyio
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response
@@ -18,11 +21,13 @@ from .config import Config
 from .errors import ApiError
 from .metrics import Metrics
 from .output import Price
-from .routing import Router
+from .routing import Route, Router
 from .schemas import GenerationBody
+from .state import Store, open_store
 from .validation import Inputs, Prepared, check_extra_fields, prepare
 
 log = logging.getLogger("imagegate")
+STALE_HOLD_GRACE_S = 60.0  # added to server.request_timeout_s before a hold counts as abandoned
 
 
 class JSONResponse(Response):
@@ -49,18 +54,49 @@ class Gateway:
         self.cfg = cfg
         self.metrics = Metrics()
         self.all_providers = {name: registry.create(name, raw) for name, raw in cfg.providers.items()}
+        for provider in self.all_providers.values():
+            provider.bind_metrics(self.metrics.registry)
         self.disabled: dict[str, str] = {}
         for name, provider in self.all_providers.items():
             reason = _disabled_reason(name, provider, cfg)
             if reason:
                 self.disabled[name] = reason
         self.providers = {n: p for n, p in self.all_providers.items() if n not in self.disabled}
-        self.router = Router(cfg, self.providers)
+        self.router = Router(cfg, self.providers, self.metrics)
         art_dir = Path(cfg.artifacts.dir)
         self.artifacts = ArtifactStore(art_dir, cfg.artifacts.ttl_hours,
                                        load_or_create_secret(cfg.auth.signing_secret, art_dir))
+        self.store: Store | None = None  # opened in `start`: connecting needs the event loop
+        self.draining = False
+        self._in_flight: set[anyio.CancelScope] = set()
+
+    @contextmanager
+    def tracked(self, scope: anyio.CancelScope) -> Iterator[None]:
+        """Keep a request's deadline where `drain` can shorten it."""
+        self._in_flight.add(scope)
+        try:
+            yield
+        finally:
+            self._in_flight.discard(scope)
+
+    async def drain(self) -> None:
+        """SIGTERM: refuse new image requests; in-flight ones get until the grace period ends (less a
+        second to answer), then fail with a clean 503 instead of a dropped connection."""
+        self.draining = True
+        cutoff = anyio.current_time() + max(0.0, self.cfg.server.shutdown_grace_s - 1)
+        for scope in self._in_flight:
+            scope.deadline = min(scope.deadline, cutoff)
+        log.warning("draining: %d requests in flight, %.0f s grace", len(self._in_flight),
+                    self.cfg.server.shutdown_grace_s)
 
     async def start(self) -> None:
+        # Always opened, auth on or off: a bad `state.url` should stop the start, not the first request.
+        self.store = await open_store(self.cfg.state.url)
+        # Holds a crash left behind. Only those older than any request can run: other replicas may
+        # share the store, and until task leases exist nothing tells their live holds from dead ones.
+        released = await self.store.release_stale_holds(self.cfg.server.request_timeout_s + STALE_HOLD_GRACE_S)
+        if released:
+            log.warning("released %d credit holds left by an earlier run", released)
         for name, reason in self.disabled.items():
             log.warning("provider %r disabled: %s; its routes are skipped", name, reason)
         for name, provider in list(self.providers.items()):
@@ -70,15 +106,14 @@ class Gateway:
                 log.error("provider %r failed to start (%s); its routes are skipped", name, type(exc).__name__)
                 self.disabled[name] = f"failed to start: {type(exc).__name__}"
                 del self.providers[name]
-        self.router = Router(self.cfg, self.providers)
-        if self.cfg.auto.policy in ("fastest", "least_busy"):
-            log.warning("auto.policy %r needs latency/load tracking, which this build lacks: "
-                        "candidates are taken in priority order", self.cfg.auto.policy)
+        self.router = Router(self.cfg, self.providers, self.metrics)
         self.artifacts.sweep()
 
     async def stop(self) -> None:
         for provider in self.providers.values():
             await provider.aclose()
+        if self.store is not None:
+            await self.store.close()
 
     def secrets(self) -> list[str]:
         return [s for p in self.all_providers.values() for s in p.secrets() if s]
@@ -91,23 +126,36 @@ class Gateway:
         self.metrics.megapixels.labels(model_id).inc(float(price.megapixels))
         self.metrics.cost.labels(model_id).inc(float(price.cost))
 
-    def pick_auto(self, body: GenerationBody, operation: str, inputs: Inputs) -> Prepared:
-        """`model: "auto"`: the candidates that can serve this very request, ordered by policy."""
-        fits: list[Prepared] = []
-        for name in self.cfg.auto.candidates:
-            model_id = self.router.resolve(name)
+    def pick_auto(self, body: GenerationBody, operation: str, inputs: Inputs,
+                  allowed: Callable[[str], bool] = lambda model_id: True) -> Prepared:
+        """`model: "auto"`: the candidates that can serve this very request now, ordered by policy.
+        `allowed`: the caller's key may use this model (a key never gets a model outside its list)."""
+        fits: list[tuple[Prepared, Route]] = []
+        permitted = [m for m in map(self.router.resolve, self.cfg.auto.candidates) if allowed(m)]
+        if self.cfg.auto.candidates and not permitted:
+            raise ApiError(403, "this API key may use none of the models that 'auto' picks from",
+                           param="model", code="model_not_allowed")
+        for model_id in permitted:
             model = self.router.model(model_id)
             try:
                 prepared = prepare(body, model_id, model, operation, inputs, check_extra_fields(body, model))
                 self.router.check_capable(model_id, prepared.needs)
             except ApiError:
                 continue
-            if self.router.eligible(model_id, prepared.needs):
-                fits.append(prepared)
+            routes = self.router.available(model_id, prepared.request, prepared.needs)
+            if routes:
+                fits.append((prepared, routes[0]))
         if not fits:
-            raise ApiError(400, "no model in auto.candidates can serve this request", param="model",
+            raise ApiError(400, "no model in auto.candidates can serve this request now", param="model",
                            code="no_candidate_model")
-        if self.cfg.auto.policy == "cheapest":
-            fits.sort(key=lambda p: Price.of(p.request.width, p.request.height, p.request.n,
-                                             self.router.model(p.model_id).price_per_mp).cost_micros)
-        return fits[0]
+        # Stable sorts: ties keep the candidates' configured order.
+        policy = self.cfg.auto.policy
+        if policy == "cheapest":
+            fits.sort(key=lambda f: Price.of(f[0].request.width, f[0].request.height, f[0].request.n,
+                                             self.router.model(f[0].model_id).price_per_mp).cost_micros)
+        elif policy == "fastest":
+            # A route never measured sorts first, so every candidate gets measured.
+            fits.sort(key=lambda f: f[1].latency.mean or 0.0)
+        elif policy == "least_busy":
+            fits.sort(key=lambda f: self.router.health[f[1].provider.name].limiter.load)
+        return fits[0][0]

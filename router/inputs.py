@@ -18,6 +18,7 @@ from providers.imaging import ImageCheckError, inspect
 
 from .artifacts import ArtifactStore
 from .errors import ApiError, invalid
+from .fetch import Policy, fetch_image_url
 from .validation import Inputs
 
 MAX_INPUT_IMAGES = 16
@@ -79,8 +80,12 @@ def decode_b64(text: str, param: str) -> bytes:
         raise invalid(f"'{param}' is not valid base64", param, code="invalid_base64") from None
 
 
-async def resolve_reference(ref: Any, param: str, store: ArtifactStore, max_pixels: int) -> InputImage:
-    """A JSON image reference: base64, data URI, artifact id, or OpenAI's {image_url}/{file_id} object."""
+async def resolve_reference(ref: Any, param: str, store: ArtifactStore, max_pixels: int,
+                            fetch: Policy | None = None) -> InputImage:
+    """A JSON image reference: base64, data URI, artifact id, URL, or OpenAI's {image_url}/{file_id} object.
+
+    `fetch` None: URLs are refused (inputs.url_fetch false); otherwise they are fetched under that policy.
+    """
     if isinstance(ref, dict):
         keys = [k for k in ("image_url", "file_id") if ref.get(k)]
         if len(keys) != 1:
@@ -93,13 +98,16 @@ async def resolve_reference(ref: Any, param: str, store: ArtifactStore, max_pixe
         if found is None:
             raise ApiError(404, f"artifact '{ref}' not found", param=param, code="artifact_not_found")
         return await check_image(found[1], param, max_pixels)
-    if ref.startswith(("http://", "https://")):
-        raise invalid(f"'{param}': image URLs are not accepted; upload it to /v1/uploads or send base64", param,
-                      code="unsupported_image_url")
+    if ref[:8].lower().startswith(("http://", "https://")):
+        if fetch is None:
+            raise invalid(f"'{param}': image URLs are not accepted; upload it to /v1/uploads or send base64",
+                          param, code="unsupported_image_url")
+        return await check_image(await fetch_image_url(ref, param, fetch), param, max_pixels)
     return await check_image(decode_b64(ref, param), param, max_pixels)
 
 
-async def json_inputs(body: dict[str, Any], store: ArtifactStore, max_pixels: int) -> Inputs:
+async def json_inputs(body: dict[str, Any], store: ArtifactStore, max_pixels: int,
+                      fetch: Policy | None = None) -> Inputs:
     """`image` (one reference) and/or `images` (a list), and `mask`; removed from `body`."""
     refs: list[tuple[Any, str]] = []
     image = body.pop("image", None)
@@ -114,10 +122,10 @@ async def json_inputs(body: dict[str, Any], store: ArtifactStore, max_pixels: in
         refs += [(r, f"images[{i}]") for i, r in enumerate(images)]
     if len(refs) > MAX_INPUT_IMAGES:
         raise invalid(f"at most {MAX_INPUT_IMAGES} input images", "image")
-    inputs = Inputs(images=[await resolve_reference(r, p, store, max_pixels) for r, p in refs])
+    inputs = Inputs(images=[await resolve_reference(r, p, store, max_pixels, fetch) for r, p in refs])
     mask = body.pop("mask", None)
     if mask is not None:
-        inputs.mask = await resolve_reference(mask, "mask", store, max_pixels)
+        inputs.mask = await resolve_reference(mask, "mask", store, max_pixels, fetch)
     return check_mask(inputs)
 
 

@@ -1,30 +1,72 @@
-"""Prometheus metrics. Labels stay bounded: endpoint templates, configured model ids, status codes."""
+"""Prometheus metrics. Labels stay bounded: endpoint templates, configured model and provider
+names, status codes and a fixed set of outcomes — never prompts, keys or request ids.
+
+With several uvicorn worker processes (`imagegate serve --workers N`) prometheus-client's
+multiprocess mode is on (PROMETHEUS_MULTIPROC_DIR): every process writes its samples to files in
+that directory and /metrics, whichever process answers it, adds them all up.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+import os
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 # Up to 600 s: a large diffusion job behind a queue can take minutes.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def multiprocess() -> bool:
+    return bool(os.environ.get(MULTIPROCESS_ENV))
 
 
 class Metrics:
     """One registry per app, so several apps in one process (tests) do not collide."""
 
     def __init__(self) -> None:
-        self.registry = CollectorRegistry()
+        self.registry = r = CollectorRegistry()
         self.requests = Counter("imagegate_requests", "HTTP requests answered",
-                                ["endpoint", "model", "status"], registry=self.registry)
+                                ["endpoint", "model", "status"], registry=r)
         self.latency = Histogram("imagegate_request_seconds", "Time to answer a request",
-                                 ["endpoint", "model"], buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.images = Counter("imagegate_images", "Images delivered", ["model"], registry=self.registry)
-        self.megapixels = Counter("imagegate_megapixels", "Megapixels delivered", ["model"], registry=self.registry)
-        self.cost = Counter("imagegate_cost_usd", "Cost of delivered images in USD", ["model"],
-                            registry=self.registry)
+                                 ["endpoint", "model", "status"], buckets=LATENCY_BUCKETS, registry=r)
+        self.images = Counter("imagegate_images", "Images delivered", ["model"], registry=r)
+        self.megapixels = Counter("imagegate_megapixels", "Megapixels delivered", ["model"], registry=r)
+        self.cost = Counter("imagegate_cost_usd", "Cost of delivered images in USD", ["model"], registry=r)
+        self.attempts = Counter("imagegate_upstream_attempts", "Calls to upstreams by outcome",
+                                ["provider", "outcome"], registry=r)
+        self.upstream_latency = Histogram("imagegate_upstream_seconds", "Time of one upstream call",
+                                          ["provider"], buckets=LATENCY_BUCKETS, registry=r)
+        self.retries = Counter("imagegate_upstream_retries", "Repeated calls to the same route", ["provider"],
+                               registry=r)
+        self.fallbacks = Counter("imagegate_fallbacks", "Requests served (or tried) by a later route",
+                                 ["model", "from_provider", "to_provider"], registry=r)
+        self.rejections = Counter("imagegate_route_skips", "Routes skipped without a call",
+                                  ["provider", "reason"], registry=r)
+        self.tasks = Counter("imagegate_tasks", "Async tasks submitted, and ended by status "
+                             "(submitted, succeeded, failed, canceled)", ["status"], registry=r)
+        # Gauges of live state: summed over live processes; the circuit shows the worst process's view.
+        self.circuit = Gauge("imagegate_circuit_state", "Circuit breaker: 0 closed, 1 half-open, 2 open",
+                             ["provider"], registry=r, multiprocess_mode="max")
+        self.in_flight = Gauge("imagegate_upstream_in_flight", "Calls in flight per provider", ["provider"],
+                               registry=r, multiprocess_mode="livesum")
+        self.queued = Gauge("imagegate_upstream_queue_depth", "Calls waiting per provider", ["provider"],
+                            registry=r, multiprocess_mode="livesum")
 
     def observe(self, endpoint: str, model: str, status: int, seconds: float) -> None:
         self.requests.labels(endpoint, model, str(status)).inc()
-        self.latency.labels(endpoint, model).observe(seconds)
+        self.latency.labels(endpoint, model, str(status)).observe(seconds)
 
     def render(self) -> tuple[bytes, str]:
+        if multiprocess():
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)
+            return generate_latest(registry), CONTENT_TYPE_LATEST
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+    @staticmethod
+    def process_exit() -> None:
+        """Drop this process's live gauges from the sums (its counters stay counted)."""
+        if multiprocess():
+            mark_process_dead(os.getpid())

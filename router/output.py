@@ -11,13 +11,12 @@ import anyio.to_thread
 import pybase64
 
 from providers.base import GeneratedImage, ImageRequest
-from providers.imaging import ImageCheckError, ImageInfo, convert, inspect
+from providers.imaging import ImageCheckError, ImageInfo, convert, inspect, needs_conversion
 
 from .artifacts import ArtifactStore
 from .errors import ApiError
 
 MICRO = Decimal(1_000_000)
-_MAGIC = {"png": b"\x89PNG", "jpeg": b"\xff\xd8\xff", "webp": b"RIFF"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,33 +50,35 @@ class Finished:
     info: ImageInfo
 
 
-def _finish(image: GeneratedImage, request: ImageRequest, max_pixels: int) -> Finished:
+def _check(image: GeneratedImage, max_pixels: int) -> ImageInfo:
     try:
-        info = inspect(image.data, max_pixels=max_pixels)
+        return inspect(image.data, max_pixels=max_pixels)
     except ImageCheckError as exc:
         raise ApiError(502, f"the upstream returned an unusable image: {exc}", code="upstream_bad_image") from None
-    data = convert(image.data, info, to_format=request.output_format,
-                   compression=request.output_compression, background=request.background)
-    if data is image.data and image.b64 is not None:
-        return Finished(data, image.b64, info)  # untouched: reuse the upstream's own base64
-    if data is not image.data:
-        info = inspect(data, max_pixels=max_pixels)
-    return Finished(data, pybase64.b64encode(data).decode("ascii"), info)
 
 
-def _needs_thread(image: GeneratedImage, request: ImageRequest) -> bool:
-    # Checking headers and copying base64 is quick; decoding and re-encoding pixels is not.
-    return not image.data.startswith(_MAGIC[request.output_format]) or request.background == "opaque"
-
+def _convert(image: GeneratedImage, info: ImageInfo, request: ImageRequest, max_pixels: int) -> Finished:
+    data = convert(image.data, info, to_format=request.output_format, compression=request.output_compression,
+                   background=request.background, size=(request.width, request.height))
+    return Finished(data, pybase64.b64encode(data).decode("ascii"), inspect(data, max_pixels=max_pixels))
 
 
 async def finish_all(images: list[GeneratedImage], request: ImageRequest, max_pixels: int) -> list[Finished]:
+    """Each image checked, then converted when its format, size or background is not what was asked.
+
+    The client gets the size it asked (and pays) for: an upstream that answers another size (Gemini's
+    fixed sizes per aspect ratio, say) is cropped to the asked aspect ratio and scaled.
+    """
     out = []
     for image in images[: request.n]:
-        if _needs_thread(image, request):
-            out.append(await anyio.to_thread.run_sync(_finish, image, request, max_pixels))
+        info = _check(image, max_pixels)
+        if needs_conversion(info, to_format=request.output_format, background=request.background,
+                            size=(request.width, request.height)):
+            # Decoding and re-encoding pixels takes milliseconds to seconds: off the event loop.
+            out.append(await anyio.to_thread.run_sync(_convert, image, info, request, max_pixels))
         else:
-            out.append(_finish(image, request, max_pixels))
+            b64 = image.b64 if image.b64 is not None else pybase64.b64encode(image.data).decode("ascii")
+            out.append(Finished(image.data, b64, info))  # untouched: reuse the upstream's own base64
     return out
 
 

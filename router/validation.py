@@ -181,7 +181,7 @@ def prepare(
         negative_prompt=body.negative_prompt if body.negative_prompt is not None else model.defaults.negative_prompt,
         quality=body.quality, output_format=output_format, output_compression=body.output_compression,
         background=body.background, images=inputs.images, mask=inputs.mask, strength=strength,
-        hints=body.hints(), extra=extra,
+        hints=body.hints(), extra=extra, partial_images=(body.partial_images or 0) if body.stream else 0,
     )
     return Prepared(model_id=model_id, request=request, needs=_needs(operation, body, inputs),
                     response_format=body.response_format or "b64_json", stream=bool(body.stream),

@@ -9,22 +9,19 @@ from __future__ import annotations
 import copy
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import yaml
 from openai import OpenAI
 
 from router.config import DEFAULT_CONFIG, Config, ConfigError, load, load_text
 from router.output import Price
-from tests.conftest import decode
+from tests.conftest import decode, free_port, wait_until_healthy
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -74,11 +71,6 @@ def run_cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*imagegate_command(), *args], cwd=cwd, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # -- interpolation -------------------------------------------------------------------------------
@@ -292,21 +284,6 @@ def listening_addresses(port: int) -> set[str] | None:
     return found
 
 
-def wait_until_healthy(proc: subprocess.Popen[bytes], url: str, log: Path) -> None:
-    """Poll /healthz until it answers; fail (with the server's log) if the process exits first."""
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"imagegate serve exited with {proc.returncode}:\n{log.read_text()}")
-        try:
-            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    pytest.fail(f"imagegate serve did not become healthy:\n{log.read_text()}")
-
-
 def test_serve_with_no_flags_uses_the_embedded_default(tmp_path: Path) -> None:
     port = free_port()
     env = {**os.environ, "IMAGEGATE_PORT": str(port), "PYTHONPATH": str(REPO)}
@@ -317,7 +294,7 @@ def test_serve_with_no_flags_uses_the_embedded_default(tmp_path: Path) -> None:
         proc = subprocess.Popen([*imagegate_command(), "serve"], cwd=tmp_path, env=env, stdout=out,
                                 stderr=subprocess.STDOUT)
         try:
-            wait_until_healthy(proc, url, log)
+            wait_until_healthy(proc, url, log.read_text)
             client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=30)
             raw = client.images.with_raw_response.generate(prompt="a red fox", size="256x128")  # no model
             resp = raw.parse()

@@ -8,31 +8,24 @@ from __future__ import annotations
 
 import io
 import logging
-import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
-from openai import OpenAI
 from PIL import Image
 
-from tests.conftest import UPSTREAM_KEY, Gateway, base_config, decode, png_bytes
+from tests.conftest import (PIL_FORMAT, UPSTREAM_KEY, Gateway, StartGateway, base_config, decode, expect_error,
+                            free_port, png_bytes, sdk)
 from tests.fakes.openai_upstream import FakeOpenAI
 
-StartGateway = Callable[[dict[str, Any]], Gateway]
 CLIENT_KEY = "test-key"  # what conftest's clients send; it must never travel upstream
-PIL_FORMAT = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
+HIDDEN = (UPSTREAM_KEY, "Traceback")  # what no error the gateway answers may show
 
 
 # -- helpers -------------------------------------------------------------------------------------
-
-def sdk(gw: Gateway) -> OpenAI:
-    """The gateway's client with a client-side timeout, so that a hang fails the test instead of stalling it."""
-    return gw.client.with_options(timeout=30)
-
 
 def remote_config(tmp_path: Path, upstream_url: str, **model: Any) -> dict[str, Any]:
     """conftest's configuration with the `remote` model's entry updated by `model`."""
@@ -41,41 +34,21 @@ def remote_config(tmp_path: Path, upstream_url: str, **model: Any) -> dict[str, 
     return cfg
 
 
-def closed_port() -> int:
-    """A 127.0.0.1 port nobody listens on (bound, then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def generate_error(gw: Gateway, status: int, **kwargs: Any) -> openai.APIStatusError:
     """Call generate on `remote`, expect an OpenAI-shaped error with `status` that leaks no upstream secret."""
     call: dict[str, Any] = {"model": "remote", "prompt": "a lighthouse", "size": "256x256", **kwargs}
-    with pytest.raises(openai.APIStatusError) as info:
-        sdk(gw).images.generate(**call)
-    return checked_error(info.value, status)
+    return expect_error(lambda: sdk(gw).images.generate(**call), status, *HIDDEN)
 
 
 def edit_error(gw: Gateway, status: int) -> openai.APIStatusError:
-    with pytest.raises(openai.APIStatusError) as info:
-        sdk(gw).images.edit(model="remote", image=("src.png", png_bytes(256, 256), "image/png"), prompt="x")
-    return checked_error(info.value, status)
-
-
-def checked_error(err: openai.APIStatusError, status: int) -> openai.APIStatusError:
-    assert err.status_code == status, err.response.text
-    assert UPSTREAM_KEY not in err.response.text
-    assert "Traceback" not in err.response.text
-    body = err.response.json()
-    assert set(body["error"]) == {"message", "type", "param", "code"}
-    return err
+    image = ("src.png", png_bytes(256, 256), "image/png")
+    return expect_error(lambda: sdk(gw).images.edit(model="remote", image=image, prompt="x"), status, *HIDDEN)
 
 
 @pytest.fixture
 def second_fake() -> Iterator[FakeOpenAI]:
-    fake = FakeOpenAI(UPSTREAM_KEY).start()
-    yield fake
-    fake.stop()
+    with FakeOpenAI(UPSTREAM_KEY) as fake:
+        yield fake
 
 
 # -- generations: the JSON request, field by field -----------------------------------------------
@@ -348,7 +321,7 @@ def two_route_config(tmp_path: Path, first_url: str, second_url: str) -> dict[st
 
 def test_connect_error_falls_back_to_the_next_route(tmp_path: Path, fake_openai: FakeOpenAI,
                                                     start_gateway: StartGateway) -> None:
-    gw = start_gateway(two_route_config(tmp_path, f"http://127.0.0.1:{closed_port()}/v1", fake_openai.base_url))
+    gw = start_gateway(two_route_config(tmp_path, f"http://127.0.0.1:{free_port()}/v1", fake_openai.base_url))
     resp = sdk(gw).images.with_raw_response.generate(model="remote", prompt="p", size="256x256")
     assert resp.status_code == 200
     assert resp.headers["x-imagegate-provider"] == "up"

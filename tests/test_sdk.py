@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import io
+import json
 
 import anyio
 import pytest
 from PIL import Image
 
-from tests.conftest import Gateway, decode, png_bytes
+from tests.conftest import Gateway, b64, decode, png_bytes
+from tests.fakes.openai_upstream import FakeOpenAI
 
 
 def test_generate_returns_real_images_with_seeds_and_billing(gateway: Gateway) -> None:
@@ -89,10 +91,8 @@ def test_edit_single_image_list_and_mask(gateway: Gateway) -> None:
 
 
 def test_edit_json_with_data_uri_and_uploaded_artifact(gateway: Gateway) -> None:
-    import base64
-
     src = png_bytes(96, 96)
-    uri = "data:image/png;base64," + base64.b64encode(src).decode()
+    uri = "data:image/png;base64," + b64(src)
     r = gateway.http.post("/v1/images/edits", json={"model": "demo", "prompt": "x", "image": uri})
     assert r.status_code == 200, r.text
     up = gateway.http.post("/v1/uploads", files={"file": ("s.png", src, "image/png")})
@@ -132,6 +132,26 @@ def test_stream_sends_completed_events(gateway: Gateway) -> None:
     edit_events = list(gateway.client.images.edit(model="demo", image=("a.png", png_bytes(), "image/png"),
                                                   prompt="x", stream=True))
     assert edit_events[-1].type == "image_edit.completed"
+
+
+def test_partial_images_from_a_provider_without_previews_stream_the_completed_events(gateway: Gateway) -> None:
+    stream = gateway.client.images.generate(model="demo", prompt="x", size="64x64", n=2, stream=True,
+                                            partial_images=2)
+    events = list(stream)
+    assert [e.type for e in events] == ["image_generation.completed"] * 2
+    assert [decode(e.b64_json).size for e in events] == [(64, 64)] * 2
+
+
+def test_a_streamed_failure_after_the_stream_began_is_an_error_event(gateway: Gateway,
+                                                                       fake_openai: FakeOpenAI) -> None:
+    fake_openai.behave(fail_status=400, error_body={"error": {"message": "bad prompt", "type": "invalid_request_error",
+                                                              "param": "prompt", "code": None}})
+    response = gateway.http.post("/v1/images/generations", json={"model": "remote", "prompt": "x", "size": "256x256",
+                                                                  "stream": True, "partial_images": 1})
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+    events = [json.loads(line[len("data: "):]) for line in response.text.splitlines() if line.startswith("data: ")]
+    assert [e["type"] for e in events] == ["error"]
+    assert events[0]["error"]["code"] == "upstream_rejected" and events[0]["error"]["param"] == "prompt"
 
 
 def test_models_endpoints(gateway: Gateway) -> None:

@@ -7,29 +7,20 @@ These `gateway` and `fake_openai` override the ones of tests/conftest.py in this
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-import yaml
 
-from router.app import create_app
-from router.config import load_text
-from tests.conftest import UPSTREAM_KEY, Gateway, base_config
+from tests.conftest import UPSTREAM_KEY, Gateway, StartGateway, base_config, serve_gateway
 from tests.fakes.openai_upstream import FakeOpenAI
-from tests.fakes.server import ServerThread
 
 
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gateway, FakeOpenAI]]:
-    fake = FakeOpenAI(UPSTREAM_KEY).start()
-    cfg = base_config(tmp_path_factory.mktemp("bad-input"), fake.base_url)
-    app = create_app(load_text(yaml.safe_dump(cfg)))
-    gw = Gateway(ServerThread(app).start(), app)
-    yield gw, fake
-    gw.close()
-    fake.stop()
+    tmp = tmp_path_factory.mktemp("bad-input")
+    with FakeOpenAI(UPSTREAM_KEY) as fake, serve_gateway(base_config(tmp, fake.base_url)) as gw:
+        yield gw, fake
 
 
 @pytest.fixture
@@ -46,9 +37,7 @@ def gateway(shared: tuple[Gateway, FakeOpenAI], fake_openai: FakeOpenAI) -> Gate
 
 
 @pytest.fixture
-def isolated(tmp_path: Path,
-             start_gateway: Callable[[dict[str, Any]], Gateway]) -> Iterator[tuple[Gateway, FakeOpenAI]]:
+def isolated(tmp_path: Path, start_gateway: StartGateway) -> Iterator[tuple[Gateway, FakeOpenAI]]:
     """A gateway and upstream of its own, for a test that changes how the upstream behaves."""
-    fake = FakeOpenAI(UPSTREAM_KEY).start()
-    yield start_gateway(base_config(tmp_path, fake.base_url)), fake
-    fake.stop()
+    with FakeOpenAI(UPSTREAM_KEY) as fake:
+        yield start_gateway(base_config(tmp_path, fake.base_url)), fake

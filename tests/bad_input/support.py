@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 import random
@@ -17,7 +16,7 @@ import pytest
 from openai.types import ImagesResponse
 from PIL import Image
 
-from tests.conftest import UPSTREAM_KEY, Gateway, png_bytes
+from tests.conftest import UPSTREAM_KEY, Gateway, b64, png_bytes
 from tests.fakes.openai_upstream import FakeOpenAI
 
 GENERATIONS, EDITS = "/v1/images/generations", "/v1/images/edits"
@@ -53,10 +52,6 @@ def gif_bytes() -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (8, 8)).save(buf, "GIF")
     return buf.getvalue()
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
 
 
 GOOD = png_bytes(64, 64)

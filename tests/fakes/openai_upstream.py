@@ -23,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .server import ServerThread
+from .server import FakeUpstream
 
 
 @lru_cache(maxsize=32)
@@ -53,7 +53,7 @@ class Recorded:
     files: list[tuple[str, str, bytes]] = field(default_factory=list)  # (field, filename, bytes)
 
 
-class FakeOpenAI:
+class FakeOpenAI(FakeUpstream):
     def __init__(self, api_key: str = "sk-upstream-secret-123", *, noise: bool = False) -> None:
         self.api_key = api_key
         self.noise = noise  # random-pixel PNGs (big, realistic size) instead of solid colours
@@ -66,7 +66,6 @@ class FakeOpenAI:
         self.delay_s = 0.0
         self.files: dict[str, bytes] = {}
         self.record = True
-        self._server: ServerThread | None = None
         self._canned: dict[tuple[int, int], bytes] = {}
         self.app = Starlette(routes=[
             Route("/v1/images/generations", self._generations, methods=["POST"]),
@@ -81,18 +80,9 @@ class FakeOpenAI:
         self.mode, self.fail_status, self.fail_times = mode, fail_status, fail_times
         self.error_body, self.retry_after, self.delay_s = error_body, retry_after, delay_s
 
-    def start(self) -> FakeOpenAI:
-        self._server = ServerThread(self.app).start()
-        return self
-
-    def stop(self) -> None:
-        if self._server:
-            self._server.stop()
-
     @property
     def base_url(self) -> str:
-        assert self._server is not None
-        return f"{self._server.url}/v1"
+        return f"{self.url}/v1"
 
     @property
     def last(self) -> Recorded:
@@ -133,7 +123,7 @@ class FakeOpenAI:
             if self.mode in ("url", "foreign_url"):
                 name = secrets.token_hex(8)
                 self.files[name] = image
-                host = self._server.url if self.mode == "url" else "http://evil.invalid"  # type: ignore[union-attr]
+                host = self.url if self.mode == "url" else "http://evil.invalid"
                 data.append({"url": f"{host}/files/{name}?se={int(time.time()) + 3600}"})
             elif self.mode == "not_image":
                 data.append({"b64_json": base64.b64encode(b"definitely not an image").decode()})

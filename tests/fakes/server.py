@@ -1,10 +1,13 @@
-"""Run an ASGI app with uvicorn on 127.0.0.1 in a background thread (a real server, a real port)."""
+"""Run an ASGI app with uvicorn on 127.0.0.1 in a background thread (a real server, a real port).
+
+`FakeUpstream` is the base of the fake upstreams in this folder: each serves its own `app`.
+"""
 
 from __future__ import annotations
 
 import threading
 import time
-from typing import Any
+from typing import Any, Self
 
 import uvicorn
 
@@ -34,10 +37,50 @@ class ServerThread:
 
     def stop(self) -> None:
         self.server.should_exit = True
-        self.thread.join(timeout=10)
+        self.thread.join(timeout=1)
+        if self.thread.is_alive():  # a handler a test left sleeping (a hung upstream): do not wait for it
+            self.server.force_exit = True
+            self.thread.join(timeout=10)
 
     def __enter__(self) -> ServerThread:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class FakeUpstream:
+    """What every fake upstream shares: its Starlette `app`, served on 127.0.0.1 between `start()` and `stop()`."""
+
+    app: Any
+    _server: ServerThread | None = None
+
+    def start(self) -> Self:
+        self._server = ServerThread(self.app).start()
+        return self
+
+    def stop(self) -> None:
+        if self._server:
+            self._server.stop()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None, "the fake is not started"
+        return self._server.port
+
+    @property
+    def url(self) -> str:
+        """`http://127.0.0.1:<port>`, with no path."""
+        assert self._server is not None, "the fake is not started"
+        return self._server.url
+
+    @property
+    def base_url(self) -> str:
+        """What a provider's `base_url` should be; a fake whose API lives under a path overrides it."""
+        return self.url

@@ -1,0 +1,137 @@
+"""`imagegate serve` as a real process: SIGTERM drains gracefully; several workers share metrics.
+
+The gateway runs as a child process (`python -m router.cli serve`) on a free 127.0.0.1 port, in front
+of a fake OpenAI upstream served from this test process.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from tests.conftest import UPSTREAM_KEY, free_port, wait_until_healthy
+from tests.fakes.openai_upstream import FakeOpenAI
+
+ROOT = Path(__file__).resolve().parent.parent
+# uvicorn re-raises the signal after its graceful shutdown, so the exit status says "SIGTERM".
+EXITED_ON_SIGTERM = (0, -signal.SIGTERM)
+
+
+
+class ServeProcess:
+    def __init__(self, tmp_path: Path, upstream: FakeOpenAI, *, workers: int = 1, grace_s: float = 10) -> None:
+        cfg: dict[str, Any] = {
+            "server": {"shutdown_grace_s": grace_s, "request_timeout_s": 30},
+            "artifacts": {"dir": str(tmp_path / "artifacts")},
+            "providers": {"up": {"type": "openai", "base_url": upstream.base_url, "api_key": UPSTREAM_KEY}},
+            "models": {"remote": {"routes": [{"provider": "up", "model": "m"}]}},
+        }
+        path = tmp_path / "gateway.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        self.port = free_port()
+        env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+        if workers > 1:  # where the workers' metric files go (the CLI makes a temporary one if unset)
+            env["PROMETHEUS_MULTIPROC_DIR"] = str(tmp_path / "metrics")
+            (tmp_path / "metrics").mkdir()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "router.cli", "serve", "--config", str(path), "--port", str(self.port),
+             "--workers", str(workers), "--log-level", "warning"],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        self.url = f"http://127.0.0.1:{self.port}"
+        wait_until_healthy(self.proc, self.url, lambda: self.proc.stdout.read().decode() if self.proc.stdout else "")
+
+    def generate(self, timeout: float = 30) -> httpx.Response:
+        return httpx.post(f"{self.url}/v1/images/generations", timeout=timeout,
+                          json={"model": "remote", "prompt": "p", "size": "64x64"})
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=15)
+        # The whole process group: worker processes must not outlive the test.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=10)
+        if self.proc.stdout:
+            self.proc.stdout.close()
+
+
+@pytest.fixture
+def upstream() -> Iterator[FakeOpenAI]:
+    fake = FakeOpenAI(UPSTREAM_KEY).start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture
+def serve(tmp_path: Path, upstream: FakeOpenAI) -> Iterator[Any]:
+    started: list[ServeProcess] = []
+
+    def start(**kwargs: Any) -> ServeProcess:
+        started.append(ServeProcess(tmp_path, upstream, **kwargs))
+        return started[-1]
+
+    yield start
+    for proc in started:
+        proc.stop()
+
+
+def test_sigterm_lets_in_flight_requests_finish_then_exits(serve: Any, upstream: FakeOpenAI) -> None:
+    gw = serve(grace_s=10)
+    upstream.behave(delay_s=1.5)
+    with concurrent.futures.ThreadPoolExecutor() as pool:
+        pending = pool.submit(gw.generate)
+        time.sleep(0.5)  # the request is with the upstream now
+        gw.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+        with pytest.raises(httpx.ConnectError):  # no longer accepting
+            httpx.get(f"{gw.url}/healthz", timeout=2)
+        response = pending.result(timeout=20)
+    assert response.status_code == 200 and response.json()["data"][0]["b64_json"]
+    assert gw.proc.wait(timeout=10) in EXITED_ON_SIGTERM
+
+
+def test_work_past_the_grace_period_fails_cleanly_and_the_process_exits(serve: Any, upstream: FakeOpenAI) -> None:
+    gw = serve(grace_s=1.5)
+    upstream.behave(delay_s=20)
+    with concurrent.futures.ThreadPoolExecutor() as pool:
+        pending = pool.submit(gw.generate)
+        time.sleep(0.5)
+        started = time.monotonic()
+        gw.proc.send_signal(signal.SIGTERM)
+        response = pending.result(timeout=20)
+    assert response.status_code == 503 and response.json()["error"]["code"] == "shutting_down"
+    assert response.headers["x-should-retry"] == "false"  # the upstream was mid-call
+    assert gw.proc.wait(timeout=10) in EXITED_ON_SIGTERM
+    assert time.monotonic() - started < 6
+
+
+def test_metrics_add_up_across_worker_processes(serve: Any, upstream: FakeOpenAI, tmp_path: Path) -> None:
+    gw = serve(workers=2)
+    upstream.behave(delay_s=0.3)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=12) as pool:
+        # Concurrent, so that both workers take some (each request opens its own connection).
+        assert [r.status_code for r in pool.map(lambda _: gw.generate(), range(24))] == [200] * 24
+    served_by = {p.name.split("_")[-1] for p in (tmp_path / "metrics").glob("counter_*.db")}
+    assert len(served_by) == 2, served_by
+    for _ in range(6):  # several scrapes, answered by either worker: each sees the sum
+        lines = httpx.get(f"{gw.url}/metrics", timeout=5).text.splitlines()
+        requests = next(line for line in lines if line.startswith("imagegate_requests_total{")
+                        and 'model="remote"' in line and 'status="200"' in line)
+        assert float(requests.rsplit(" ", 1)[1]) == 24
+        ok = next(line for line in lines if re.match(r'imagegate_upstream_attempts_total\{.*outcome="ok"', line))
+        assert float(ok.rsplit(" ", 1)[1]) == 24
