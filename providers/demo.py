@@ -73,5 +73,9 @@ class DemoProvider(Provider):
 
     async def generate(self, request: ImageRequest) -> ProviderResult:
         # Pillow releases the GIL while encoding, so a worker thread keeps the event loop free.
-        images = [await anyio.to_thread.run_sync(self._make, request, i) for i in range(request.n)]
+        images = []
+        for i in range(request.n):
+            images.append(await anyio.to_thread.run_sync(self._make, request, i))
+            if request.on_progress is not None:
+                request.on_progress(i + 1, request.n)
         return ProviderResult(images=images, metadata={"generator": "demo"})

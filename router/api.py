@@ -9,6 +9,8 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
+from .admission import check_rate, fingerprint, idempotency_key, idempotent
+from .auth import api_key
 from .errors import ApiError, invalid
 from .gateway import Gateway, JSONResponse
 from .inputs import check_image, decode_b64, media_type, read_form, read_json
@@ -44,8 +46,10 @@ async def get_model(request: Request) -> Response:
 
 
 async def upload(request: Request) -> Response:
-    """Store an input image (multipart `file`, or JSON `{"file": "<data URI or base64>"}`)."""
+    """Store an input image (multipart `file`, or JSON `{"file": "<data URI or base64>"}`), owned by
+    the caller's key; counted against its rate limit; replayed under an Idempotency-Key."""
     gw = _gw(request, "/v1/uploads")
+    key = idempotency_key(request)
     if media_type(request) == "application/json":
         body = await read_json(request)
         ref = body.get("file") if isinstance(body, dict) else None
@@ -60,18 +64,28 @@ async def upload(request: Request) -> Response:
                           code="missing_required_parameter")
         data = await part.read()
     image = await check_image(data, "file", gw.cfg.server.max_image_pixels)
-    art = await gw.artifacts.put(data, content_type=image.content_type, width=image.width, height=image.height)
-    return JSONResponse(art.public())
+
+    async def store() -> Response:
+        await check_rate(request, gw)
+        owner = api_key(request)
+        art = await gw.artifacts.put(data, content_type=image.content_type, width=image.width,
+                                     height=image.height, owner=owner.id if owner else None)
+        return JSONResponse(art.public())
+
+    return await idempotent(request, gw, key, lambda: fingerprint("/v1/uploads", None, [data]), store)
 
 
 async def artifact_content(request: Request) -> Response:
+    """The bytes, for the owner's key, or for anyone holding a valid signed URL."""
     gw = _gw(request, "/v1/artifacts/{id}/content")
     artifact_id = request.path_params["artifact_id"]
     expires, signature = request.query_params.get("expires"), request.query_params.get("signature")
+    owner = api_key(request)
     if expires is not None or signature is not None:
         if not gw.artifacts.check_signature(artifact_id, expires or "", signature or ""):
             raise ApiError(403, "the artifact URL is invalid or has expired", code="invalid_signature")
-    found = await gw.artifacts.get(artifact_id)
+        owner = None  # the signature is the credential
+    found = await gw.artifacts.get(artifact_id, owner.id if owner else None)
     if found is None:
         raise ApiError(404, f"artifact '{artifact_id}' not found", code="artifact_not_found")
     art, data = found
@@ -83,11 +97,14 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
-    """Ready when the config is loaded, artifacts can be stored and some route's circuit is not open."""
+    """Ready when the config is loaded, the state store answers, artifacts can be stored and some
+    route's circuit is not open."""
     gw: Gateway = request.app.state.gateway
     health = gw.router.health
     usable = any(health[r.provider.name].breaker.available() for m in gw.cfg.models for r in gw.router.routes[m])
-    checks = {"config": True, "artifacts": gw.artifacts.dir.is_dir(), "routes": usable, "accepting": not gw.draining}
+    store = gw.store is not None and await gw.store.ping()
+    checks = {"config": True, "state": store, "artifacts": gw.artifacts.dir.is_dir(), "routes": usable,
+              "accepting": not gw.draining}
     ready = all(checks.values())
     body = {"status": "ready" if ready else "not_ready", "checks": checks, "disabled_providers": gw.disabled,
             "circuits": {name: h.breaker.state.name.lower() for name, h in health.items()}}

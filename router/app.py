@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.routing import Route
 
-from . import admin, api, billing, images
+from . import admin, api, billing, images, tasks
 from .auth import AuthMiddleware
 from .config import Config, load
 from .errors import ApiError, api_error_handler, http_error_handler
@@ -26,14 +26,17 @@ from .middleware import GatewayMiddleware
 
 def create_app(cfg: Config) -> Starlette:
     gateway = Gateway(cfg)
+    gateway.tasks = tasks.TaskRunner(gateway)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await gateway.start()
+        await gateway.tasks.start()  # sweeps leases that lapsed while no replica was up
         _drain_on_sigterm(gateway)
         try:
             yield
         finally:
+            await gateway.tasks.stop()  # tasks still running fail and refund, before the store closes
             await gateway.stop()
             Metrics.process_exit()
 
@@ -44,6 +47,8 @@ def create_app(cfg: Config) -> Starlette:
         Route("/v1/models/{model_id:path}", api.get_model, methods=["GET"]),
         Route("/v1/usage", billing.usage, methods=["GET"]),
         Route("/v1/uploads", api.upload, methods=["POST"]),
+        Route("/v1/tasks/{task_id}", tasks.get_task, methods=["GET"]),
+        Route("/v1/tasks/{task_id}/cancel", tasks.cancel_task, methods=["POST"]),
         Route("/v1/artifacts/{artifact_id}/content", api.artifact_content, methods=["GET"]),
         Route("/healthz", api.healthz, methods=["GET"]),
         Route("/readyz", api.readyz, methods=["GET"]),

@@ -95,10 +95,12 @@ class ArtifactStore:
             return None
         return art
 
-    async def get(self, artifact_id: str) -> tuple[Artifact, bytes] | None:
+    async def get(self, artifact_id: str, owner: str | None = None) -> tuple[Artifact, bytes] | None:
+        """The artifact and its bytes; None when missing, expired, or (with `owner`, a key id) not
+        that key's own. `owner` None reads any: auth off, or a signed URL."""
         def read() -> tuple[Artifact, bytes] | None:
             art = self._read_meta(artifact_id)
-            if art is None:
+            if art is None or (owner is not None and art.owner != owner):
                 return None
             try:
                 return art, self._paths(artifact_id)[0].read_bytes()

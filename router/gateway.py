@@ -6,7 +6,7 @@ import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import orjson
@@ -25,6 +25,9 @@ from .routing import Route, Router
 from .schemas import GenerationBody
 from .state import Store, open_store
 from .validation import Inputs, Prepared, check_extra_fields, prepare
+
+if TYPE_CHECKING:
+    from .tasks import TaskRunner
 
 log = logging.getLogger("imagegate")
 STALE_HOLD_GRACE_S = 60.0  # added to server.request_timeout_s before a hold counts as abandoned
@@ -67,6 +70,7 @@ class Gateway:
         self.artifacts = ArtifactStore(art_dir, cfg.artifacts.ttl_hours,
                                        load_or_create_secret(cfg.auth.signing_secret, art_dir))
         self.store: Store | None = None  # opened in `start`: connecting needs the event loop
+        self.tasks: TaskRunner  # set by create_app (router/tasks.py builds on this module)
         self.draining = False
         self._in_flight: set[anyio.CancelScope] = set()
 
@@ -92,8 +96,8 @@ class Gateway:
     async def start(self) -> None:
         # Always opened, auth on or off: a bad `state.url` should stop the start, not the first request.
         self.store = await open_store(self.cfg.state.url)
-        # Holds a crash left behind. Only those older than any request can run: other replicas may
-        # share the store, and until task leases exist nothing tells their live holds from dead ones.
+        # Holds a crash left behind: only those older than any request can be, since other replicas
+        # may share the store. Tasks' holds follow their leases instead (router/tasks.py).
         released = await self.store.release_stale_holds(self.cfg.server.request_timeout_s + STALE_HOLD_GRACE_S)
         if released:
             log.warning("released %d credit holds left by an earlier run", released)

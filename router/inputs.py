@@ -81,10 +81,11 @@ def decode_b64(text: str, param: str) -> bytes:
 
 
 async def resolve_reference(ref: Any, param: str, store: ArtifactStore, max_pixels: int,
-                            fetch: Policy | None = None) -> InputImage:
+                            fetch: Policy | None = None, owner: str | None = None) -> InputImage:
     """A JSON image reference: base64, data URI, artifact id, URL, or OpenAI's {image_url}/{file_id} object.
 
     `fetch` None: URLs are refused (inputs.url_fetch false); otherwise they are fetched under that policy.
+    `owner`: the caller's key id; another key's artifact is "not found" (None: auth off, one tenant).
     """
     if isinstance(ref, dict):
         keys = [k for k in ("image_url", "file_id") if ref.get(k)]
@@ -94,7 +95,7 @@ async def resolve_reference(ref: Any, param: str, store: ArtifactStore, max_pixe
     if not isinstance(ref, str) or not ref:
         raise invalid(f"'{param}' must be a base64 string, a data URI or an artifact id", param)
     if ArtifactStore.valid_id(ref):
-        found = await store.get(ref)
+        found = await store.get(ref, owner)
         if found is None:
             raise ApiError(404, f"artifact '{ref}' not found", param=param, code="artifact_not_found")
         return await check_image(found[1], param, max_pixels)
@@ -107,7 +108,7 @@ async def resolve_reference(ref: Any, param: str, store: ArtifactStore, max_pixe
 
 
 async def json_inputs(body: dict[str, Any], store: ArtifactStore, max_pixels: int,
-                      fetch: Policy | None = None) -> Inputs:
+                      fetch: Policy | None = None, owner: str | None = None) -> Inputs:
     """`image` (one reference) and/or `images` (a list), and `mask`; removed from `body`."""
     refs: list[tuple[Any, str]] = []
     image = body.pop("image", None)
@@ -122,10 +123,10 @@ async def json_inputs(body: dict[str, Any], store: ArtifactStore, max_pixels: in
         refs += [(r, f"images[{i}]") for i, r in enumerate(images)]
     if len(refs) > MAX_INPUT_IMAGES:
         raise invalid(f"at most {MAX_INPUT_IMAGES} input images", "image")
-    inputs = Inputs(images=[await resolve_reference(r, p, store, max_pixels, fetch) for r, p in refs])
+    inputs = Inputs(images=[await resolve_reference(r, p, store, max_pixels, fetch, owner) for r, p in refs])
     mask = body.pop("mask", None)
     if mask is not None:
-        inputs.mask = await resolve_reference(mask, "mask", store, max_pixels, fetch)
+        inputs.mask = await resolve_reference(mask, "mask", store, max_pixels, fetch, owner)
     return check_mask(inputs)
 
 

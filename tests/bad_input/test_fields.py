@@ -146,7 +146,7 @@ FIELD_ERRORS = [
     pytest.param({"steps": "many"}, "steps", None, id="steps-not-int"),
     pytest.param({"partial_images": 9}, "partial_images", None, id="partial-images-over-3"),
     pytest.param({"model": 7}, "model", None, id="model-not-string"),
-    pytest.param({"async": True}, "async", "unsupported_parameter", id="async-unsupported"),
+    pytest.param({"async": True, "stream": True}, "async", "invalid_value", id="async-and-stream"),
 ]
 
 
