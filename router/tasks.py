@@ -110,7 +110,7 @@ class TaskRunner:
         return record
 
     async def _run(self, record: TaskRecord, prepared: Prepared) -> None:
-        gw, store = self.gw, self.gw.store
+        store = self.gw.store
         assert store is not None
         outcome: tuple[str, dict[str, Any] | None, dict[str, Any] | None, int] = ("failed", None, SHUTDOWN, 0)
         try:

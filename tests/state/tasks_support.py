@@ -6,12 +6,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import secrets
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,6 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from router.state.store import async_url
 from tests.conftest import free_port, wait_until_healthy
-from tests.state.conftest import PG_URL, _pg_reachable
 
 ADMIN = "admin-secret-for-tests"
 TERMINAL = ("succeeded", "failed", "canceled")
@@ -122,28 +120,6 @@ def held_holds(url: str) -> int:
         finally:
             await engine.dispose()
     return asyncio.run(count())
-
-
-async def _ddl(sql: str) -> None:
-    engine = create_async_engine(async_url(PG_URL), isolation_level="AUTOCOMMIT")
-    try:
-        async with engine.connect() as conn:
-            await conn.execute(sa.text(sql))
-    finally:
-        await engine.dispose()
-
-
-@contextlib.contextmanager
-def pg_database() -> Iterator[str]:
-    """A fresh PostgreSQL DATABASE of the test's own (skips when PostgreSQL is unreachable)."""
-    if not _pg_reachable():
-        pytest.skip("PostgreSQL is not reachable on 127.0.0.1:5432 (set IMAGEGATE_TEST_PG to point elsewhere)")
-    name = f"ig_task_{secrets.token_hex(5)}"
-    asyncio.run(_ddl(f"CREATE DATABASE {name}"))
-    try:
-        yield PG_URL.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        asyncio.run(_ddl(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
 
 
 # -- `imagegate serve` as a real process ---------------------------------------------------------

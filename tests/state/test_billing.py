@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import secrets
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -14,14 +13,13 @@ from typing import Any
 import httpx
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import create_async_engine
 
 from router import state
 from router.state import schema
 from router.state.store import Store
 from tests.conftest import StartGateway, base_config, serve_gateway
 from tests.fakes.openai_upstream import FakeOpenAI
-from tests.state.conftest import PG_URL, Backend, _pg_reachable
+from tests.state.conftest import Backend, pg_database
 from tests.state.test_store import run
 
 ADMIN = "admin-secret-for-tests"
@@ -194,51 +192,13 @@ def test_concurrent_requests_cannot_overdraw(gw: Any) -> None:
 
 def test_concurrent_requests_cannot_overdraw_on_postgresql(tmp_path: Path, start_gateway: StartGateway) -> None:
     """The same race with the gateway's store on PostgreSQL (a database of this test's own)."""
-    if not _pg_reachable():
-        pytest.skip("PostgreSQL is not reachable on 127.0.0.1:5432")
-    name = f"ig_test_{int(time.time() * 1000) % 10**9}"
-
-    async def ddl(sql: str) -> None:
-        engine = create_async_engine(PG_URL.replace("postgresql://", "postgresql+asyncpg://", 1),
-                                     isolation_level="AUTOCOMMIT")
-        try:
-            async with engine.connect() as conn:
-                await conn.execute(sa.text(sql))
-        finally:
-            await engine.dispose()
-    asyncio.run(ddl(f"CREATE DATABASE {name}"))
-    try:
+    with pg_database() as url:
         cfg = base_config(tmp_path)
         cfg["auth"] = {"enabled": True, "admin_key": ADMIN}
-        cfg["state"] = {"url": PG_URL.rsplit("/", 1)[0] + f"/{name}"}
+        cfg["state"] = {"url": url}
         gw = start_gateway(cfg)
         test_concurrent_requests_cannot_overdraw(gw)
         gw.close()
-    finally:
-        asyncio.run(ddl(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-
-
-async def _pg_ddl(sql: str) -> None:
-    engine = create_async_engine(PG_URL.replace("postgresql://", "postgresql+asyncpg://", 1),
-                                 isolation_level="AUTOCOMMIT")
-    try:
-        async with engine.connect() as conn:
-            await conn.execute(sa.text(sql))
-    finally:
-        await engine.dispose()
-
-
-@contextmanager
-def pg_database() -> Iterator[str]:
-    """The `state.url` of a fresh PostgreSQL database of the caller's own, dropped afterwards."""
-    if not _pg_reachable():
-        pytest.skip("PostgreSQL is not reachable on 127.0.0.1:5432 (set IMAGEGATE_TEST_PG to point elsewhere)")
-    name = f"ig_test_{secrets.token_hex(6)}"
-    asyncio.run(_pg_ddl(f"CREATE DATABASE {name}"))
-    try:
-        yield PG_URL.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        asyncio.run(_pg_ddl(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
 
 
 @contextmanager

@@ -97,14 +97,11 @@ def test_same_key_with_another_body_or_endpoint_is_409(gw: Any, fake_openai: Fak
     assert usage(gw, key)["balance_micros"] == balance and holds(gw, key) == [-PRICE]
 
 
-def test_concurrent_duplicates_call_upstream_once(gw: Any, fake_openai: FakeOpenAI) -> None:
-    key = make_key(gw)
-    fake_openai.behave(delay_s=1.0)
+def race(gateways: list[Any], key: str, idem: str) -> None:
+    """The same request with one Idempotency-Key, sent at once through each gateway: both 200 with
+    the same bytes, one of them replayed."""
     answers: list[httpx.Response] = []
-
-    def call() -> None:
-        answers.append(generate(gw, key, "gen-race"))
-    threads = [threading.Thread(target=call) for _ in range(2)]
+    threads = [threading.Thread(target=lambda gw=gw: answers.append(generate(gw, key, idem))) for gw in gateways]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -112,6 +109,12 @@ def test_concurrent_duplicates_call_upstream_once(gw: Any, fake_openai: FakeOpen
     assert [a.status_code for a in answers] == [200, 200], [a.text for a in answers]
     assert answers[0].content == answers[1].content
     assert [a.headers.get(REPLAYED) for a in answers].count("true") == 1
+
+
+def test_concurrent_duplicates_call_upstream_once(gw: Any, fake_openai: FakeOpenAI) -> None:
+    key = make_key(gw)
+    fake_openai.behave(delay_s=1.0)
+    race([gw, gw], key, "gen-race")
     assert len(fake_openai.requests) == 1
     assert usage(gw, key)["balance_micros"] == 1_000_000 - PRICE and holds(gw, key) == [-PRICE]
 
@@ -241,16 +244,7 @@ def test_replay_across_replicas_on_postgresql(tmp_path: Path, fake_openai: FakeO
         assert_replay(first, generate(two, key, "pg-1"))
         assert_error(generate(two, key, "pg-1", prompt="something else"), 409, "idempotency_key_reused")
         fake_openai.behave(delay_s=1.0)
-        answers: list[httpx.Response] = []
-        threads = [threading.Thread(target=lambda gw=gw: answers.append(generate(gw, key, "pg-race")))
-                   for gw in (one, two)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=60)
-        assert [a.status_code for a in answers] == [200, 200], [a.text for a in answers]
-        assert answers[0].content == answers[1].content
-        assert [a.headers.get(REPLAYED) for a in answers].count("true") == 1
+        race([one, two], key, "pg-race")
         assert len(fake_openai.requests) == 2
         seen = usage(two, key)
         assert seen["balance_micros"] == 1_000_000 - 2 * PRICE
