@@ -22,3 +22,4 @@ bench: $(STAMP)
 	$(PY) bench/gateway_overhead.py
 	$(PY) bench/failover_load.py
 	$(PY) bench/local_pipeline.py
+	$(PY) bench/billing_throughput.py
