@@ -106,7 +106,9 @@ class TaskRunner:
             billing={**price.body(), "held_micros": held, "charged_micros": 0},
             ttl_s=gw.artifacts.ttl_s, owner=self.replica, lease_s=self.lease_s)
         gw.metrics.tasks.labels("submitted").inc()
-        self.running[record.id] = asyncio.create_task(self._run(record, prepared))
+        task = self.running[record.id] = asyncio.create_task(self._run(record, prepared))
+        # Not in `_run`'s finally: a task cancelled before its first step never runs that.
+        task.add_done_callback(lambda _: self.running.pop(record.id, None))
         return record
 
     async def _run(self, record: TaskRecord, prepared: Prepared) -> None:
@@ -124,7 +126,6 @@ class TaskRunner:
             log.exception("task %s failed", record.id)
             outcome = ("failed", None, _error_object(ApiError(500, "internal error", code="internal_error")), 0)
         finally:
-            self.running.pop(record.id, None)
             status, result, error, captured = outcome
             if status != "canceled":
                 with anyio.CancelScope(shield=True):

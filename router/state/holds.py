@@ -91,17 +91,15 @@ class HoldsMixin:
     async def release_stale_holds(self, older_than_s: float) -> int:
         """Release every hold still `held` that was placed more than `older_than_s` ago; the number.
 
-        Called when a gateway starts, to undo holds left by a crash of a synchronous request: the
-        gateway passes `server.request_timeout_s` + a grace period, after which no request can still
-        be running on any replica. Task holds (reference "task_…") are left to the task sweeper,
-        which reads the task's lease instead.
+        Called when a gateway starts, to undo holds left by a crash: the gateway passes
+        `server.request_timeout_s` + a grace period, after which no request or task can still be
+        running on any replica (tasks run under the same deadline). A task's hold is usually
+        released sooner, by the sweep that fails its lapsed lease; settling twice moves money once.
         """
         cutoff = time.time() - older_than_s
         async with self.engine.connect() as conn:
             found = await conn.execute(sa.select(holds.c.id)
-                                       .where(holds.c.status == "held", holds.c.created_at < cutoff,
-                                              sa.or_(holds.c.reference.is_(None),
-                                                     sa.not_(holds.c.reference.startswith("task_")))))
+                                       .where(holds.c.status == "held", holds.c.created_at < cutoff))
             stale = [row.id for row in found]
         released = 0
         for hold_id in stale:
