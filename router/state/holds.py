@@ -20,6 +20,15 @@ from .records import InsufficientCredit, KeyNotFound, LedgerEntry, LedgerKind, S
 from .schema import api_keys, holds, ledger
 
 
+# Built once: every request holds, and building a statement costs more than running it on SQLite.
+_TAKE = (api_keys.update()
+         .where(api_keys.c.id == sa.bindparam("key"), api_keys.c.balance_micros.is_not(None),
+                api_keys.c.balance_micros >= sa.bindparam("micros"))
+         .values(balance_micros=api_keys.c.balance_micros - sa.bindparam("micros")))
+_POST_HOLD = ledger.insert()
+_NEW_HOLD = holds.insert()
+
+
 def new_hold_id() -> str:
     return "hold_" + new_key_id().removeprefix("key_")
 
@@ -42,21 +51,17 @@ class HoldsMixin:
             raise StateError("a hold must be a whole number of micro-dollars, zero or more")
         hold_id, now = new_hold_id(), time.time()
         async with self.engine.begin() as conn:
-            taken = await conn.execute(
-                api_keys.update()
-                .where(api_keys.c.id == key_id, api_keys.c.balance_micros.is_not(None),
-                       api_keys.c.balance_micros >= micros)
-                .values(balance_micros=api_keys.c.balance_micros - micros))
+            taken = await conn.execute(_TAKE, {"key": key_id, "micros": micros})
             if taken.rowcount != 1:
                 key = await self._get(conn, key_id)  # KeyNotFound when that is the reason
                 if getattr(key, "balance_micros", None) is None:
                     raise StateError(f"API key '{key_id}' is unlimited (it keeps no balance)")
                 raise InsufficientCredit(key_id, micros)
-            await conn.execute(ledger.insert().values(key_id=key_id, at=now, kind="hold",
-                                                      amount_micros=-micros, reference=hold_id))
-            await conn.execute(holds.insert().values(id=hold_id, key_id=key_id, amount_micros=micros,
-                                                     captured_micros=None, status="held",
-                                                     reference=reference, created_at=now))
+            await conn.execute(_POST_HOLD, {"key_id": key_id, "at": now, "kind": "hold", "amount_micros": -micros,
+                                            "reference": hold_id})
+            await conn.execute(_NEW_HOLD, {"id": hold_id, "key_id": key_id, "amount_micros": micros,
+                                           "captured_micros": None, "status": "held", "reference": reference,
+                                           "created_at": now})
         return hold_id
 
     async def settle(self, hold_id: str, captured_micros: int) -> bool:
@@ -66,22 +71,28 @@ class HoldsMixin:
             return await self._settle(conn, hold_id, captured_micros)
 
     async def _settle(self, conn: AsyncConnection, hold_id: str, captured_micros: int) -> bool:
-        """`settle` inside the caller's transaction (a task's end and its money move together)."""
-        row = (await conn.execute(sa.select(holds).where(holds.c.id == hold_id))).first()
-        if row is None:
-            raise StateError(f"hold '{hold_id}' not found")
-        captured = max(0, min(int(captured_micros), row.amount_micros))
-        flipped = await conn.execute(holds.update()
-                                     .where(holds.c.id == hold_id, holds.c.status == "held")
-                                     .values(status="settled", captured_micros=captured))
-        if flipped.rowcount != 1:
-            return False  # settled already (maybe by another replica's stale-hold sweep)
+        """`settle` inside the caller's transaction (a task's end and its money move together).
+
+        One UPDATE … RETURNING both flips the hold (only if still `held`) and reads what it was:
+        a round trip fewer than reading first, and the flip stays the one thing that decides."""
+        asked = max(0, int(captured_micros))
+        flipped = (await conn.execute(
+            holds.update()
+            .where(holds.c.id == hold_id, holds.c.status == "held")
+            .values(status="settled",
+                    captured_micros=sa.case((holds.c.amount_micros < asked, holds.c.amount_micros), else_=asked))
+            .returning(holds.c.key_id, holds.c.amount_micros, holds.c.captured_micros))).first()
+        if flipped is None:
+            if (await conn.execute(sa.select(holds.c.id).where(holds.c.id == hold_id))).first() is None:
+                raise StateError(f"hold '{hold_id}' not found")
+            return False  # settled already (maybe by another replica's sweep)
+        captured = flipped.captured_micros
         if captured:
             await conn.execute(ledger.insert().values(
-                key_id=row.key_id, at=time.time(), kind="capture", amount_micros=0,
+                key_id=flipped.key_id, at=time.time(), kind="capture", amount_micros=0,
                 reference=f"{hold_id} captured={captured}"))
-        if row.amount_micros - captured:
-            await self._post(conn, row.key_id, "release", row.amount_micros - captured, hold_id)
+        if flipped.amount_micros - captured:
+            await self._post(conn, flipped.key_id, "release", flipped.amount_micros - captured, hold_id)
         return True
 
     async def release(self, hold_id: str) -> bool:
