@@ -130,6 +130,7 @@ class Limiter:
             await self._slots.acquire()
         finally:
             self.waiting -= 1
+            self.on_change()  # also when the waiter gave up (cancelled): the queue gauge must drop
 
 
 @dataclass(slots=True)
