@@ -22,11 +22,14 @@ from .validation import Prepared
 T = TypeVar("T")
 
 
-async def route(gw: Gateway, prepared: Prepared, trail: Trail, watch: Request | None = None) -> Served:
-    """The routes of the model within the request's deadline (shortened when the gateway drains).
-    With `watch`, the work is cancelled if that client goes away (then `ClientGone`)."""
+async def route(gw: Gateway, prepared: Prepared, trail: Trail, watch: Request | None = None,
+                timeout_s: float | None = None) -> Served:
+    """The routes of the model within the request's deadline (`timeout_s`, else the configured one;
+    shortened when the gateway drains). With `watch`, the work is cancelled if that client goes
+    away (then `ClientGone`)."""
     try:
-        with anyio.fail_after(gw.cfg.server.request_timeout_s) as scope, gw.tracked(scope):
+        limit = gw.cfg.server.request_timeout_s if timeout_s is None else max(0.0, timeout_s)
+        with anyio.fail_after(limit) as scope, gw.tracked(scope):
             work = partial(gw.router.serve, prepared.model_id, prepared.request, prepared.needs, trail,
                            scope.deadline)
             return await (_unless_disconnected(watch, work) if watch is not None else work())

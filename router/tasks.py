@@ -28,6 +28,7 @@ from .delivery import deliver, route
 from .errors import ApiError
 from .gateway import Gateway, JSONResponse
 from .output import MICRO, Price, images_response
+from .routing import Served
 from .state import TaskRecord
 from .validation import Prepared
 
@@ -152,7 +153,7 @@ class TaskRunner:
         # A plain task, not a task group: the group would wrap our ApiErrors in an ExceptionGroup.
         reporter = asyncio.create_task(self._report_progress(record.id, done))
         try:
-            served = await route(gw, prepared, Trail())
+            served = await self._route_when_free(prepared)
             finished, images, price = await deliver(gw, prepared, served)
         finally:
             reporter.cancel()
@@ -166,6 +167,20 @@ class TaskRunner:
             items.append(item)
         result = images_response(items, finished, prepared.request, prepared.model_id, price)
         return "succeeded", result, None, price.cost_micros
+
+    async def _route_when_free(self, prepared: Prepared) -> Served:
+        """Route the task; while every route is at capacity (429 queue_full), wait for room instead
+        of failing: a task's client is not there to retry. The whole of it stays within one request
+        deadline, which the stale-hold sweep counts on."""
+        give_up = anyio.current_time() + self.gw.cfg.server.request_timeout_s
+        while True:
+            try:
+                return await route(self.gw, prepared, Trail(), timeout_s=give_up - anyio.current_time())
+            except ApiError as exc:
+                wait_s = float(exc.headers.get("retry-after", "1"))
+                if exc.code != "queue_full" or anyio.current_time() + wait_s >= give_up:
+                    raise
+                await anyio.sleep(wait_s)
 
     async def _report_progress(self, task_id: str, done: list[float]) -> None:
         assert self.gw.store is not None
