@@ -30,10 +30,20 @@ async def gather(calls: list[Callable[[], Awaitable[T]]]) -> list[T]:
         async with anyio.create_task_group() as tg:
             for i, call in enumerate(calls):
                 tg.start_soon(run, i, call)
-    except* UpstreamError as group:
-        errors = [e for e in group.exceptions if isinstance(e, UpstreamError)]
-        raise min(errors, key=lambda e: e.fallback) from None
+    except BaseExceptionGroup as group:
+        leaves = _leaves(group)
+        errors = [e for e in leaves if isinstance(e, UpstreamError)]
+        if errors:
+            raise min(errors, key=lambda e: e.fallback) from None
+        raise leaves[0] from None  # as a single call would raise it: never a group the router cannot read
     return [r for r in results if r is not None]
+
+
+def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out
 
 
 async def poll(check: Callable[[], Awaitable[T | None]], *, interval_s: float, max_interval_s: float,

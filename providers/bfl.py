@@ -197,8 +197,9 @@ class BFLProvider(HTTPProvider):
             fields["raw"] = bool(options["raw"])
         fields.update(_tuning(request, family))
         fields.update(await _images(request, family))
-        fields.update(request.extra)
-        return fields
+        # Pass-through fields first: what the gateway set (size, moderation, images) is what it
+        # checked and bills for, and a client must not replace it.
+        return {**request.extra, **fields}
 
     async def _one(self, request: ImageRequest, fields: dict[str, Any], i: int) -> tuple[GeneratedImage, str, Any]:
         seed = request.seed_for(i)

@@ -137,11 +137,12 @@ class DashScopeProvider(HTTPProvider):
 
     def _parameters(self, request: ImageRequest, seed: int) -> dict[str, Any]:
         params: dict[str, Any] = {
-            "size": f"{request.width}*{request.height}", "n": 1, "seed": seed,
             "prompt_extend": self._setting(request, "prompt_extend", (False, True)),
             "watermark": self._setting(request, "watermark", (False, True)),
         }
-        params.update(request.extra)  # fields the model's config lets clients pass to the upstream
+        params.update(request.extra)  # fields the model's config lets clients pass, these two included
+        # …but not the size the gateway checked and bills, nor the one-image-per-call fan-out.
+        params.update({"size": f"{request.width}*{request.height}", "n": 1, "seed": seed})
         return params
 
     # -- generation ------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import binascii
+import math
 from collections.abc import Iterable
 from email.utils import parsedate_to_datetime
 from datetime import datetime, timezone
@@ -39,19 +40,28 @@ def redact(text: str, secrets: Iterable[str]) -> str:
     return text
 
 
+MAX_RETRY_AFTER_S = 3600.0  # a longer hint is noise; the router's retry policy caps it lower anyway
+
+
 def retry_after_seconds(response: httpx.Response) -> float | None:
+    """Seconds from `Retry-After` (delta-seconds or an HTTP date), within 0..MAX_RETRY_AFTER_S;
+    None when absent or unreadable. Upstream text: nothing here may raise."""
     value = response.headers.get("retry-after")
     if not value:
         return None
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
-        pass
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+        try:
+            when = parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:  # "-0000" parses naive; HTTP dates are GMT
+            when = when.replace(tzinfo=timezone.utc)
+        seconds = (when - datetime.now(timezone.utc)).total_seconds()
+    if math.isnan(seconds):
         return None
-    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+    return min(MAX_RETRY_AFTER_S, max(0.0, seconds))
 
 
 def error_for_status(status: int, message: str, *, retry_after: float | None = None) -> UpstreamError:
@@ -78,8 +88,13 @@ def transport_error(exc: httpx.HTTPError) -> UpstreamError:
         return UpstreamError("upstream unreachable", status=503, code="upstream_unavailable", retryable=True)
     if isinstance(exc, httpx.TimeoutException):
         return UpstreamError("upstream timed out", status=504, code="upstream_timeout", retryable=True)
-    if isinstance(exc, (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)):
+    if isinstance(exc, httpx.WriteError):  # the request never got through whole: nothing was done
         return UpstreamError("upstream unreachable", status=503, code="upstream_unavailable", retryable=True)
+    if isinstance(exc, (httpx.RemoteProtocolError, httpx.ReadError)):
+        # The request was sent and the answer lost: the upstream may have done (and billed) the work,
+        # as after a read timeout, so it counts as one (retryable, and marked paid by the router).
+        return UpstreamError("upstream connection lost before it answered", status=504, code="upstream_timeout",
+                             retryable=True)
     return UpstreamError("upstream request failed", status=502, code="upstream_error", retryable=True)
 
 

@@ -45,7 +45,9 @@ class OpenAIProvider(HTTPProvider):
         return headers
 
     def _fields(self, request: ImageRequest) -> dict[str, Any]:
-        fields: dict[str, Any] = {"model": request.upstream_model, "prompt": request.prompt, "n": request.n,
+        # Pass-through fields (models with allow_extra_fields) first: never over what the gateway set.
+        fields: dict[str, Any] = {**(request.extra if self.options.pass_extensions else {}),
+                                  "model": request.upstream_model, "prompt": request.prompt, "n": request.n,
                                   "size": request.size, "output_format": request.output_format}
         optional = {"quality": request.quality, "background": request.background,
                     "output_compression": request.output_compression,
@@ -55,7 +57,6 @@ class OpenAIProvider(HTTPProvider):
             ext = {"seed": request.seed, "steps": request.steps, "guidance_scale": request.guidance_scale,
                    "negative_prompt": request.negative_prompt, "strength": request.strength}
             fields.update({k: v for k, v in ext.items() if v is not None})
-            fields.update(request.extra)
         return fields
 
     async def run(self, request: ImageRequest) -> ProviderResult:

@@ -23,8 +23,8 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
         self.headers = dict(headers or {})
-        if retry_after is not None:
-            self.headers["retry-after"] = str(max(1, int(retry_after + 0.999)))
+        if retry_after is not None and retry_after == retry_after:  # NaN says nothing
+            self.headers["retry-after"] = str(max(1, int(min(retry_after, 86_400) + 0.999)))
 
     @classmethod
     def from_upstream(cls, exc: UpstreamError) -> ApiError:

@@ -310,6 +310,15 @@ def test_a_field_bfl_refuses_for_real_comes_back_as_its_param(gw: Gateway, fake:
     assert "Extra inputs are not permitted" in err.message
 
 
+def test_pass_through_fields_cannot_replace_what_the_gateway_set(gw: Gateway, fake: FakeBFL) -> None:
+    """A model open to extra fields still sends the size it checked and bills, and the operator's
+    moderation level, whatever the client puts in the body."""
+    sdk(gw).images.generate(model="open", prompt="p", size="512x512",
+                            extra_body={"width": 1440, "height": 1440, "safety_tolerance": 5, "seed": 3})
+    sent = fake.submits[0].json
+    assert (sent["width"], sent["height"], sent["safety_tolerance"]) == (512, 512, 2)
+
+
 # -- deadline and cancellation -------------------------------------------------------------------------
 
 def test_hung_task_is_504_quickly_and_polling_stops(gw: Gateway, fake: FakeBFL) -> None:
