@@ -100,6 +100,11 @@ class OpenAIProvider(HTTPProvider):
         if response.status_code == 400 and code in _MODERATION_CODES:
             return UpstreamError(f"the upstream refused the request: {message}", status=400,
                                  code="content_policy_violation")
+        if response.status_code == 429 and code == "insufficient_quota":
+            # OpenAI's "out of credit" is a 429 too, but waiting does not end it: fall back, don't retry,
+            # and let the circuit breaker count it.
+            return UpstreamError(f"the upstream account is out of quota: {message}", status=502,
+                                 code="upstream_quota_exceeded", fallback=True)
         error = http.error_for_status(response.status_code, message,
                                       retry_after=http.retry_after_seconds(response))
         if error.status == 400 and isinstance(param, str):

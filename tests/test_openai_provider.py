@@ -271,6 +271,23 @@ def test_upstream_moderation_is_content_policy_violation(gateway: Gateway, fake_
     assert "safety system" in err.message
 
 
+def test_upstream_out_of_quota_is_not_retried_as_a_rate_limit(
+        tmp_path: Path, fake_openai: FakeOpenAI, start_gateway: StartGateway) -> None:
+    cfg = base_config(tmp_path, fake_openai.base_url)
+    cfg["models"]["remote"]["routes"][0]["retry"] = {"attempts": 3, "backoff_s": 0}
+    gw = start_gateway(cfg)
+    fake_openai.behave(fail_status=429, fail_times=1)  # a passing rate limit: retried, then served
+    sdk(gw).images.generate(model="remote", prompt="p", size="256x256")
+    assert len(fake_openai.requests) == 2
+    fake_openai.requests.clear()
+    body = {"error": {"message": "You exceeded your current quota, please check your plan and billing details.",
+                      "type": "insufficient_quota", "param": None, "code": "insufficient_quota"}}
+    fake_openai.behave(fail_status=429, error_body=body)
+    err = generate_error(gw, 502)
+    assert err.code == "upstream_quota_exceeded" and "exceeded your current quota" in err.message
+    assert len(fake_openai.requests) == 1  # out of credit: waiting does not help, so no retry
+
+
 def test_upstream_rejecting_the_gateways_key_is_502_without_secrets(
         tmp_path: Path, fake_openai: FakeOpenAI, start_gateway: StartGateway) -> None:
     wrong_key = "sk-wrong-key-999"
