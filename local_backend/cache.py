@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -22,6 +23,21 @@ from local_backend.pipelines import LoadedPipeline, estimate_bytes, load_pipelin
 
 log = logging.getLogger("imagegate.local")
 Loader = Callable[[ModelSpec, str], LoadedPipeline]
+
+
+GIB = 1024**3
+WORKING_MEMORY_BYTES = 3 * GIB  # activations, VAE decode, allocator slack (InvokeAI's default working memory)
+
+
+def default_budget(device: str) -> int:
+    """The budget when none is configured: on CUDA the device's memory less working memory; on the
+    CPU half the machine's RAM, as InvokeAI's RAM cache does. Never unbounded: without a budget
+    nothing is ever evicted and the second large model runs the device out of memory."""
+    if device.startswith("cuda"):
+        total = int(torch.cuda.get_device_properties(torch.device(device)).total_memory)
+        return max(total - WORKING_MEMORY_BYTES, total // 2)
+    ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return max(ram // 2 - 2 * GIB, 4 * GIB)
 
 
 def free_device_memory(device: str) -> None:

@@ -263,6 +263,13 @@ def _speed_up(pipe: Any, spec: ModelSpec) -> None:
             denoiser.compile()
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """torch's own OOM, or the RuntimeError that CUDA kernels and some libraries raise instead."""
+    if isinstance(exc, torch.OutOfMemoryError):  # torch.cuda.OutOfMemoryError is the same class
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
 def load_pipeline(spec: ModelSpec, device: str) -> LoadedPipeline:
     """Load a model and prepare it for `device`; any failure is a ModelLoadError naming the model and the cause."""
     _quiet_libraries()
@@ -287,9 +294,9 @@ def load_pipeline(spec: ModelSpec, device: str) -> LoadedPipeline:
         _speed_up(pipe, spec)
     except ModelLoadError:
         raise
-    except torch.OutOfMemoryError:
-        raise
     except Exception as exc:  # diffusers/transformers raise many kinds for broken files
+        if is_out_of_memory(exc):
+            raise  # not a broken model: the worker evicts the others and says so
         raise ModelLoadError(f"model {spec.name!r} ({spec.family}, {spec.path}) failed to load: "
                              f"{type(exc).__name__}: {exc}") from None
     entry.nbytes = pipeline_bytes(pipe)

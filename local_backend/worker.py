@@ -20,16 +20,14 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-import torch
 
-from local_backend.cache import PipelineCache, free_device_memory, load_error
+from local_backend.cache import GIB, PipelineCache, default_budget, free_device_memory, load_error
 from local_backend.jobs import Job, JobCancelled, ModelLoadError, ModelSpec, OutOfMemory, QueueFull, Result
 from local_backend.metrics import BackendMetrics
-from local_backend.pipelines import LoadedPipeline, resolve_device
+from local_backend.pipelines import LoadedPipeline, is_out_of_memory, resolve_device
 from local_backend.runner import Stop, run_jobs
 
 log = logging.getLogger("imagegate.local")
-GIB = 1024**3
 
 
 @dataclass(eq=False)
@@ -37,12 +35,6 @@ class _Item:
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     job: Job | None = None
     warm: ModelSpec | None = None  # a load-only item from warm()
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    if isinstance(exc, torch.OutOfMemoryError):  # torch.cuda.OutOfMemoryError is the same class
-        return True
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
 
 
 def _strip(exc: BaseException) -> BaseException:
@@ -67,7 +59,7 @@ class DeviceWorker:
     def __init__(self, device: str, *, memory_budget_gb: float | None, max_queue: int, max_batch: int = 4,
                  metrics: BackendMetrics | None = None) -> None:
         self.device = resolve_device(device)
-        budget = None if memory_budget_gb is None else int(memory_budget_gb * GIB)
+        budget = default_budget(self.device) if memory_budget_gb is None else int(memory_budget_gb * GIB)
         self.cache = PipelineCache(self.device, budget, metrics)
         self.max_queue, self.max_batch, self.metrics = max_queue, max(1, max_batch), metrics
         self._items: deque[_Item] = deque()

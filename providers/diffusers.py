@@ -51,7 +51,8 @@ class LocalModel(BaseModel):
 
 class DiffusersOptions(ProviderOptions):
     device: str = "auto"  # "cuda:0", "cpu"; auto: the first GPU if there is one
-    memory_budget_gb: float | None = Field(default=None, gt=0)  # None: what the device has
+    # None: the device's memory less 3 GB of working memory (CUDA), or half the RAM (CPU)
+    memory_budget_gb: float | None = Field(default=None, gt=0)
     max_batch: int = Field(default=4, ge=1)  # images in one pipeline call when equal requests wait together
     models: dict[str, LocalModel] = Field(default_factory=dict)
     max_concurrency: int = Field(default=8, ge=1)  # requests handed to the worker (it runs one call at a time)
