@@ -80,12 +80,17 @@ async def artifact_content(request: Request) -> Response:
     gw = _gw(request, "/v1/artifacts/{id}/content")
     artifact_id = request.path_params["artifact_id"]
     expires, signature = request.query_params.get("expires"), request.query_params.get("signature")
-    owner = api_key(request)
-    if expires is not None or signature is not None:
-        if not gw.artifacts.check_signature(artifact_id, expires or "", signature or ""):
+    if expires is not None and signature is not None:
+        if not gw.artifacts.check_signature(artifact_id, expires, signature):
             raise ApiError(403, "the artifact URL is invalid or has expired", code="invalid_signature")
-        owner = None  # the signature is the credential
-    found = await gw.artifacts.get(artifact_id, owner.id if owner else None)
+        owner = None  # the signature is the credential: any owner's artifact
+    else:
+        key = api_key(request)
+        if key is None and gw.cfg.auth.enabled:  # never "any owner" without a key or a valid signature
+            raise ApiError(401, "no API key: send `Authorization: Bearer <key>` or use a signed URL",
+                           code="invalid_api_key", headers={"www-authenticate": "Bearer"})
+        owner = key.id if key else None
+    found = await gw.artifacts.get(artifact_id, owner)
     if found is None:
         raise ApiError(404, f"artifact '{artifact_id}' not found", code="artifact_not_found")
     art, data = found

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from urllib.parse import parse_qs
 
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -41,7 +42,14 @@ def _guarded(scope: Scope) -> bool:
     path: str = scope["path"]
     if not (path == "/v1" or path.startswith("/v1/")):
         return False  # /healthz, /readyz, /metrics and /admin have their own rules
-    return not (_SIGNED_ARTIFACT.match(path) and b"signature=" in scope.get("query_string", b""))
+    return not (_SIGNED_ARTIFACT.match(path) and signed(scope.get("query_string", b"")))
+
+
+def signed(query_string: bytes) -> bool:
+    """Whether the query carries a signature to check (its handler checks it): both real
+    parameters, not a substring that merely looks like one."""
+    params = parse_qs(query_string.decode("latin-1"), keep_blank_values=True)
+    return "expires" in params and "signature" in params
 
 
 async def _authenticate(gateway: object, scope: Scope) -> KeyRecord:

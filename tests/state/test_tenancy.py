@@ -78,6 +78,18 @@ def test_upload_is_seen_by_its_owner_only(gw: Any) -> None:
     assert data not in bare.content
 
 
+@pytest.mark.parametrize("query", ["?x=signature=", "?nosignature=1", "?signature=abc", "?expires=99999999999",
+                                   "?x=expires=1&y=signature=2"])
+def test_a_query_that_only_looks_signed_is_not_a_credential(gw: Any, query: str) -> None:
+    owner, stranger = make_key(gw), make_key(gw)
+    data = png_bytes(40, 40, (9, 8, 7))
+    path = f"/v1/artifacts/{upload(gw, owner, data)}/content{query}"
+    bare = content(gw, path)
+    assert bare.status_code == 401 and data not in bare.content, shown(bare)
+    assert_error(content(gw, path, stranger), 404, "artifact_not_found")
+    assert content(gw, path, owner).content == data
+
+
 def test_url_result_is_owned_and_its_signed_url_needs_no_key(gw: Any) -> None:
     owner, stranger = make_key(gw), make_key(gw)
     answer = gw.http.post("/v1/images/generations", headers=auth(owner),
