@@ -22,7 +22,7 @@ from . import billing
 from .auth import api_key
 from .errors import ApiError, invalid
 from .gateway import Gateway
-from .state import Replay
+from .state import Claim, Replay
 from .validation import Prepared
 
 log = logging.getLogger("imagegate.admission")
@@ -42,7 +42,7 @@ class Admitted:
     async def close(self, gw: Gateway) -> None:
         await billing.settle(gw, self.hold)
         if self.slot is not None and gw.store is not None:
-            with anyio.CancelScope(shield=True):
+            with anyio.CancelScope(shield=True), anyio.move_on_after(billing.SETTLE_TIMEOUT_S):
                 try:
                     await gw.store.release_slot(self.slot)
                 except Exception:  # it lapses by itself after the request deadline
@@ -110,6 +110,7 @@ async def idempotent(request: Request, gw: Gateway, key: str | None, print_: Cal
     scope, owner, mark = (caller.id if caller else "-"), "req_" + secrets.token_hex(8), print_()
     lease_s = gw.cfg.server.request_timeout_s + SLOT_GRACE_S
     ttl_s = gw.cfg.state.idempotency_hours * 3600
+    claim = Claim("wait")
     with anyio.move_on_after(gw.cfg.server.request_timeout_s):
         while True:
             claim = await gw.store.claim_idempotency(scope, key, mark, owner, lease_s, ttl_s)
@@ -134,13 +135,18 @@ async def _run_once(gw: Gateway, scope: str, key: str, owner: str,
     try:
         response = await handle()
     finally:
-        with anyio.CancelScope(shield=True):
-            if response is not None and 200 <= response.status_code < 300:
-                headers = {k: v for k, v in response.headers.items() if k in _KEPT_HEADERS}
-                await gw.store.complete_idempotency(scope, key, owner,
-                                                    Replay(response.status_code, headers, bytes(response.body)))
-            else:
-                await gw.store.abandon_idempotency(scope, key, owner)
+        # Shielded and bounded; a store error here must not replace the answer (the work is done and
+        # paid for): the record then stays pending until its lease lapses.
+        with anyio.CancelScope(shield=True), anyio.move_on_after(billing.SETTLE_TIMEOUT_S):
+            try:
+                if response is not None and 200 <= response.status_code < 300:
+                    headers = {k: v for k, v in response.headers.items() if k in _KEPT_HEADERS}
+                    await gw.store.complete_idempotency(
+                        scope, key, owner, Replay(response.status_code, headers, bytes(response.body)))
+                else:
+                    await gw.store.abandon_idempotency(scope, key, owner)
+            except Exception:
+                log.exception("could not record the outcome of Idempotency-Key request %s", owner)
     return response
 
 

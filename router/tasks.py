@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
+import anyio.to_thread
 import orjson
 import pybase64
 from starlette.requests import Request
@@ -24,9 +25,10 @@ from starlette.responses import Response
 from .admission import Admitted
 from .attempts import Trail
 from .auth import api_key
+from .billing import SETTLE_TIMEOUT_S
 from .delivery import deliver, route
 from .errors import ApiError
-from .gateway import Gateway, JSONResponse
+from .gateway import STALE_HOLD_GRACE_S, Gateway, JSONResponse
 from .output import MICRO, Price, images_response
 from .routing import Served
 from .state import TaskRecord
@@ -76,11 +78,11 @@ class TaskRunner:
 
     async def _renew(self) -> None:
         assert self.gw.store is not None
-        if not self.running:
-            return
-        alive = await self.gw.store.renew_leases(self.replica, self.lease_s)
-        for task_id in set(self.running) - alive:  # cancelled through another replica, or swept
-            self.running[task_id].cancel()
+        running = set(self.running)  # before the round trip: a task submitted meanwhile is not judged
+        alive = await self.gw.store.renew_leases(self.replica, running, self.lease_s)
+        for task_id in running - alive:  # cancelled through another replica, or swept
+            if (task := self.running.get(task_id)) is not None:
+                task.cancel()
 
     async def sweep(self) -> None:
         assert self.gw.store is not None
@@ -88,9 +90,11 @@ class TaskRunner:
         for task_id in failed:
             log.warning("task %s abandoned by its replica: failed, hold released", task_id)
             self.gw.metrics.tasks.labels("failed").inc()
+        # Holds whose settle failed (the store was briefly away) must not wait for the next start.
+        await self.gw.store.release_stale_holds(self.gw.cfg.server.request_timeout_s + STALE_HOLD_GRACE_S)
         await self.gw.store.delete_expired_tasks()
         await self.gw.store.delete_expired_idempotency()
-        self.gw.artifacts.sweep()
+        await anyio.to_thread.run_sync(self.gw.artifacts.sweep)  # file reads: off the event loop
 
     async def submit(self, request: Request, prepared: Prepared, operation: str, admitted: Admitted) -> TaskRecord:
         """Write the task (queued, leased to us) and start it; the caller answers 202."""
@@ -128,8 +132,8 @@ class TaskRunner:
             outcome = ("failed", None, _error_object(ApiError(500, "internal error", code="internal_error")), 0)
         finally:
             status, result, error, captured = outcome
-            if status != "canceled":
-                with anyio.CancelScope(shield=True):
+            if status != "canceled":  # bounded: past it, the lease lapses and a sweep ends the task
+                with anyio.CancelScope(shield=True), anyio.move_on_after(SETTLE_TIMEOUT_S):
                     await self._finish(record, status, result, error, captured)
 
     async def _finish(self, record: TaskRecord, status: str, result: dict[str, Any] | None,

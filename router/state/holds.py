@@ -10,6 +10,7 @@ Ledger scheme, which keeps SUM(ledger.amount_micros) == balance_micros at every 
 
 from __future__ import annotations
 
+import logging
 import time
 
 import sqlalchemy as sa
@@ -27,6 +28,9 @@ _TAKE = (api_keys.update()
          .values(balance_micros=api_keys.c.balance_micros - sa.bindparam("micros")))
 _POST_HOLD = ledger.insert()
 _NEW_HOLD = holds.insert()
+
+
+log = logging.getLogger("imagegate.state")
 
 
 def new_hold_id() -> str:
@@ -114,7 +118,10 @@ class HoldsMixin:
             stale = [row.id for row in found]
         released = 0
         for hold_id in stale:
-            released += await self.release(hold_id)
+            try:  # one hold that cannot be settled must not keep the others from it
+                released += await self.release(hold_id)
+            except Exception:
+                log.exception("could not release stale hold %s", hold_id)
         return released
 
     async def held(self, key_id: str) -> list[str]:

@@ -9,6 +9,7 @@ So a task's money moves once, whichever replica gets there first.
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -19,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from .records import ACTIVE, TaskRecord
 from .schema import slots, tasks
 
+log = logging.getLogger("imagegate.state")
 ABANDONED = {"message": "the gateway running this task stopped before it finished; its credit hold "
                         "was released", "type": "server_error", "param": None, "code": "task_abandoned"}
 
@@ -107,15 +109,17 @@ class TasksMixin:
                 await conn.execute(slots.delete().where(slots.c.id == row.slot_id))
         return True
 
-    async def renew_leases(self, owner: str, lease_s: float) -> set[str]:
-        """Extend this replica's leases; the ids of its tasks still active (the others were cancelled
-        or swept elsewhere, and the replica stops running them)."""
+    async def renew_leases(self, owner: str, task_ids: set[str], lease_s: float) -> set[str]:
+        """Extend the leases of the tasks this replica is running now, and return those still active
+        (the others were cancelled or swept elsewhere: the replica stops running them). A row of ours
+        that no coroutine runs any more (its end could not be written) is not renewed: it lapses and
+        a sweep fails it and releases its hold."""
+        if not task_ids:
+            return set()
+        mine = (tasks.c.id.in_(sorted(task_ids)), tasks.c.lease_owner == owner, tasks.c.status.in_(ACTIVE))
         async with self.engine.begin() as conn:
-            await conn.execute(tasks.update()
-                               .where(tasks.c.lease_owner == owner, tasks.c.status.in_(ACTIVE))
-                               .values(lease_until=time.time() + lease_s))
-            rows = await conn.execute(sa.select(tasks.c.id)
-                                      .where(tasks.c.lease_owner == owner, tasks.c.status.in_(ACTIVE)))
+            await conn.execute(tasks.update().where(*mine).values(lease_until=time.time() + lease_s))
+            rows = await conn.execute(sa.select(tasks.c.id).where(*mine))
             return {row.id for row in rows}
 
     async def fail_abandoned_tasks(self) -> list[str]:
@@ -124,9 +128,14 @@ class TasksMixin:
         async with self.engine.connect() as conn:
             rows = await conn.execute(sa.select(tasks.c.id)
                                       .where(tasks.c.status.in_(ACTIVE), tasks.c.lease_until < now))
-            lapsed = [row.id for row in rows]
-        return [task_id for task_id in lapsed
-                if await self.finish_task(task_id, "failed", error=ABANDONED, lapsed_before=now)]
+            failed = []
+        for task_id in [row.id for row in rows]:
+            try:  # one task that cannot be ended must not keep the others from it
+                if await self.finish_task(task_id, "failed", error=ABANDONED, lapsed_before=now):
+                    failed.append(task_id)
+            except Exception:
+                log.exception("could not fail abandoned task %s", task_id)
+        return failed
 
     async def delete_expired_tasks(self) -> int:
         """Forget finished tasks past their TTL (their artifacts expire on their own)."""
