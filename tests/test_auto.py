@@ -97,17 +97,22 @@ def test_fastest_follows_observed_latency(tmp_path: Path, fakes: tuple[FakeOpenA
 def test_least_busy_avoids_the_provider_with_work_in_flight(
         tmp_path: Path, fakes: tuple[FakeOpenAI, FakeOpenAI], start_gateway: StartGateway) -> None:
     one, two = fakes
-    one.behave(delay_s=1.0)
+    one.behave(delay_s=3.0)
     gw = start_gateway(auto_config(tmp_path, one, two, "least_busy"))
+    p1 = gw.state.router.health["p1"].limiter
 
     async def scenario() -> tuple[httpx.Response, httpx.Response]:
         async with httpx.AsyncClient(base_url=gw.url, timeout=30) as client:
             body = {"model": "auto", "prompt": "p", "size": "256x256"}
             busy = asyncio.create_task(client.post("/v1/images/generations", json=body))
-            await asyncio.sleep(0.3)  # `one` (first in order) now has a call in flight
+            deadline = time.monotonic() + 10
+            while not (p1.in_flight == 1 and one.requests):  # `one` (first in order) now has a call in flight
+                assert time.monotonic() < deadline, "the first request never reached `one`"
+                await asyncio.sleep(0.01)
             started = time.monotonic()
             second = await client.post("/v1/images/generations", json=body)
-            assert time.monotonic() - started < 0.9  # did not wait behind the busy one
+            assert not busy.done()  # did not wait behind the busy one
+            assert time.monotonic() - started < 2.5
             return await busy, second
 
     first, second = asyncio.run(scenario())

@@ -190,8 +190,9 @@ def test_seed_is_sent_as_int32_and_the_value_sent_is_reported(gw: Gateway, fake:
 
 
 def test_one_failing_call_of_a_fan_out_fails_the_request(gw: Gateway, fake: FakeGemini) -> None:
-    # The delay lets both calls reach the fake before the first one fails and cancels its sibling.
-    fake.behave(fail_status=500, fail_times=1, delay_s=0.3)
+    # Both calls are held until both have reached the fake (a barrier, not a guessed delay): only then
+    # does the first one fail, and cancel its sibling.
+    fake.behave(fail_status=500, fail_times=1, together=2)
     err = error(gw, 502, n=2)
     assert err.code == "upstream_error"
     assert len(fake.calls) == 2

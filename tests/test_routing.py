@@ -63,6 +63,21 @@ def metric(gw: Gateway, name: str, **labels: str) -> float:
     return 0.0
 
 
+def wait_until(check: Callable[[], bool], what: str, timeout: float = 10) -> None:
+    """Poll `check` until it holds: a synchronisation point instead of a guessed sleep."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+async def await_until(check: Callable[[], bool], what: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
 # -- retries and fallbacks -------------------------------------------------------------------------
 
 def test_first_route_503_is_retried_then_served_by_the_second(tmp_path: Path, fakes: tuple[FakeOpenAI, FakeOpenAI],
@@ -187,7 +202,9 @@ def test_failures_open_the_circuit_and_recovery_closes_it(tmp_path: Path, fakes:
                                                           start_gateway: StartGateway) -> None:
     a, b = fakes
     a.behave(fail_status=502)
-    gw = start_gateway(chain_config(tmp_path, a, b, a_opts={"circuit": {"failures": 2, "cooldown_s": 1}}))
+    # The cool-down is long enough for every check below to run while the circuit is still open.
+    gw = start_gateway(chain_config(tmp_path, a, b, a_opts={"circuit": {"failures": 2, "cooldown_s": 3}}))
+    breaker = gw.state.router.health["a"].breaker
     for _ in range(2):
         assert generate(gw, model="only-a").status_code == 502
     calls = len(a.requests)
@@ -195,7 +212,7 @@ def test_failures_open_the_circuit_and_recovery_closes_it(tmp_path: Path, fakes:
     skipped = generate(gw, model="only-a")
     assert skipped.status_code == 503 and skipped.json()["error"]["code"] == "no_healthy_route"
     assert int(skipped.headers["retry-after"]) >= 1
-    assert len(a.requests) == calls and time.monotonic() - started < 0.5  # skipped without a call
+    assert len(a.requests) == calls and time.monotonic() - started < 2  # skipped without a call (or a wait)
     assert generate(gw).headers["x-imagegate-provider"] == "b"  # chain falls through to b at once
     assert len(a.requests) == calls
     assert metric(gw, "imagegate_circuit_state", provider="a") == 2
@@ -204,8 +221,9 @@ def test_failures_open_the_circuit_and_recovery_closes_it(tmp_path: Path, fakes:
     health = gw.http.get("/admin/providers", headers={"authorization": f"Bearer {ADMIN_KEY}"}).json()["data"]
     assert health["a"]["circuit"] == "open" and health["a"]["consecutive_failures"] == 2
     # After the cool-down one probe goes through; the upstream has recovered, so the circuit closes.
+    assert breaker.state.name == "OPEN"  # all of the above ran inside the cool-down
     a.behave()
-    time.sleep(1.1)
+    wait_until(breaker.available, "the cool-down to end")
     assert generate(gw, model="only-a").status_code == 200
     assert gw.state.router.health["a"].breaker.state.name == "CLOSED"
     assert metric(gw, "imagegate_circuit_state", provider="a") == 0
@@ -215,9 +233,10 @@ def test_a_failed_probe_opens_the_circuit_again(tmp_path: Path, fakes: tuple[Fak
                                                 start_gateway: StartGateway) -> None:
     a, b = fakes
     a.behave(fail_status=502)
-    gw = start_gateway(chain_config(tmp_path, a, b, a_opts={"circuit": {"failures": 1, "cooldown_s": 0.5}}))
+    gw = start_gateway(chain_config(tmp_path, a, b, a_opts={"circuit": {"failures": 1, "cooldown_s": 2}}))
+    breaker = gw.state.router.health["a"].breaker
     assert generate(gw, model="only-a").status_code == 502
-    time.sleep(0.6)
+    wait_until(breaker.available, "the cool-down to end")
     assert generate(gw, model="only-a").status_code == 502  # the probe, which fails
     calls = len(a.requests)
     assert generate(gw, model="only-a").status_code == 503  # open again: no call
@@ -239,14 +258,21 @@ def test_admin_view_needs_the_admin_key(tmp_path: Path, fakes: tuple[FakeOpenAI,
 def test_a_full_queue_answers_429_with_retry_after(tmp_path: Path, fakes: tuple[FakeOpenAI, FakeOpenAI],
                                                    start_gateway: StartGateway) -> None:
     a, b = fakes
-    a.behave(delay_s=1.0)
+    a.behave(delay_s=2.0)
     gw = start_gateway(chain_config(tmp_path, a, b, a_opts={"max_concurrency": 1, "max_queue": 1}))
+    limiter = gw.state.router.health["a"].limiter
 
     async def burst() -> list[httpx.Response]:
+        # One in flight, one in line (each waited for, not guessed), then the third finds the line full.
         async with httpx.AsyncClient(base_url=gw.url, timeout=30) as client:
             body = {"model": "only-a", "prompt": "p", "size": "256x256"}
-            return list(await asyncio.gather(*[client.post("/v1/images/generations", json=body)
-                                               for _ in range(3)]))
+            first = asyncio.create_task(client.post("/v1/images/generations", json=body))
+            await await_until(lambda: limiter.in_flight == 1, "the first request to take the slot")
+            second = asyncio.create_task(client.post("/v1/images/generations", json=body))
+            await await_until(lambda: limiter.waiting == 1, "the second request to wait in line")
+            third = await client.post("/v1/images/generations", json=body)
+            assert not first.done()  # the third was refused while the first still held the slot
+            return [await first, await second, third]
 
     responses = asyncio.run(burst())
     statuses = sorted(r.status_code for r in responses)
@@ -257,16 +283,18 @@ def test_a_full_queue_answers_429_with_retry_after(tmp_path: Path, fakes: tuple[
 def test_a_full_queue_on_the_first_route_falls_back(tmp_path: Path, fakes: tuple[FakeOpenAI, FakeOpenAI],
                                                     start_gateway: StartGateway) -> None:
     a, b = fakes
-    a.behave(delay_s=1.0)
+    a.behave(delay_s=2.0)
     gw = start_gateway(chain_config(tmp_path, a, b, a_opts={"max_concurrency": 1, "max_queue": 0}))
+    limiter = gw.state.router.health["a"].limiter
 
     async def pair() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=gw.url, timeout=30) as client:
             first = asyncio.create_task(client.post("/v1/images/generations",
                                                     json={"model": "chain", "prompt": "p", "size": "256x256"}))
-            await asyncio.sleep(0.3)
+            await await_until(lambda: limiter.in_flight == 1, "the first request to take a's only slot")
             second = await client.post("/v1/images/generations",
                                        json={"model": "chain", "prompt": "p", "size": "256x256"})
+            assert not first.done()  # a was still busy when the second came
             return [await first, second]
 
     first, second = asyncio.run(pair())
@@ -277,7 +305,7 @@ def test_a_full_queue_on_the_first_route_falls_back(tmp_path: Path, fakes: tuple
 def test_a_client_that_disconnects_leaves_the_queue(tmp_path: Path, fakes: tuple[FakeOpenAI, FakeOpenAI],
                                                     start_gateway: StartGateway) -> None:
     a, b = fakes
-    a.behave(delay_s=1.5)
+    a.behave(delay_s=3.0)
     gw = start_gateway(chain_config(tmp_path, a, b, a_opts={"max_concurrency": 1, "max_queue": 4}))
     limiter = gw.state.router.health["a"].limiter
 
@@ -285,11 +313,14 @@ def test_a_client_that_disconnects_leaves_the_queue(tmp_path: Path, fakes: tuple
         async with httpx.AsyncClient(base_url=gw.url, timeout=30) as client:
             body = {"model": "only-a", "prompt": "p", "size": "256x256"}
             busy = asyncio.create_task(client.post("/v1/images/generations", json=body))
-            await asyncio.sleep(0.3)
-            with pytest.raises(httpx.ReadTimeout):
-                await client.post("/v1/images/generations", json=body, timeout=0.5)  # waits in line, gives up
-            await asyncio.sleep(0.3)
-            assert limiter.waiting == 0  # the abandoned request left the line
+            await await_until(lambda: limiter.in_flight == 1, "the first request to take the only slot")
+            waiter = asyncio.create_task(client.post("/v1/images/generations", json=body))
+            await await_until(lambda: limiter.waiting == 1, "the second request to wait in line")
+            waiter.cancel()  # the client gives up: its connection is dropped
+            with pytest.raises(asyncio.CancelledError):
+                await waiter
+            await await_until(lambda: limiter.waiting == 0, "the abandoned request to leave the line")
+            assert not busy.done()  # it left the line, it was not served
             return await busy
 
     assert asyncio.run(scenario()).status_code == 200

@@ -90,16 +90,30 @@ def serve(tmp_path: Path, upstream: FakeOpenAI) -> Iterator[Any]:
         proc.stop()
 
 
+def wait_until(check: Any, what: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def refuses_connections(url: str) -> bool:
+    try:
+        httpx.get(f"{url}/healthz", timeout=2)
+    except httpx.ConnectError:
+        return True
+    return False
+
+
 def test_sigterm_lets_in_flight_requests_finish_then_exits(serve: Any, upstream: FakeOpenAI) -> None:
     gw = serve(grace_s=10)
-    upstream.behave(delay_s=1.5)
+    upstream.behave(delay_s=3)
     with concurrent.futures.ThreadPoolExecutor() as pool:
         pending = pool.submit(gw.generate)
-        time.sleep(0.5)  # the request is with the upstream now
+        wait_until(lambda: upstream.requests, "the request to reach the upstream")
         gw.proc.send_signal(signal.SIGTERM)
-        time.sleep(0.2)
-        with pytest.raises(httpx.ConnectError):  # no longer accepting
-            httpx.get(f"{gw.url}/healthz", timeout=2)
+        wait_until(lambda: refuses_connections(gw.url), "the gateway to stop accepting", timeout=10)
+        assert not pending.done()  # no longer accepting, while the in-flight request goes on
         response = pending.result(timeout=20)
     assert response.status_code == 200 and response.json()["data"][0]["b64_json"]
     assert gw.proc.wait(timeout=10) in EXITED_ON_SIGTERM
@@ -110,7 +124,7 @@ def test_work_past_the_grace_period_fails_cleanly_and_the_process_exits(serve: A
     upstream.behave(delay_s=20)
     with concurrent.futures.ThreadPoolExecutor() as pool:
         pending = pool.submit(gw.generate)
-        time.sleep(0.5)
+        wait_until(lambda: upstream.requests, "the request to reach the upstream")
         started = time.monotonic()
         gw.proc.send_signal(signal.SIGTERM)
         response = pending.result(timeout=20)

@@ -17,6 +17,7 @@ import binascii
 import io
 import re
 import secrets
+import time
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -50,6 +51,7 @@ MESSAGES = {400: "Request contains an invalid argument.", 403: "The caller does 
             500: "An internal error has occurred. Please retry or report in "
                  "https://developers.generativeai.google/guide/troubleshooting",
             503: "The model is overloaded. Please try again later."}
+TOGETHER_WAIT_S = 30.0  # how long `behave(together=…)` holds a call for the others
 BAD_KEY = "API key not valid. Please pass a valid API key."
 
 
@@ -112,12 +114,16 @@ class FakeGemini(FakeUpstream):
     # -- control -------------------------------------------------------------------------
     def behave(self, *, mode: str = "image", finish_reason: str | None = None, block_reason: str = "SAFETY",
                fail_status: int | None = None, fail_times: int = 1_000_000, error_body: dict[str, Any] | None = None,
-               retry_after: str | None = None, retry_delay: str | None = None, delay_s: float = 0.0) -> None:
+               retry_after: str | None = None, retry_delay: str | None = None, delay_s: float = 0.0,
+               together: int = 0) -> None:
         """mode: image | snake_case | thought | with_audio | text_only | refused | blocked | no_candidates | garbage |
-        bad_base64 | not_image. `fail_status` answers Google's error body for that status `fail_times` times."""
+        bad_base64 | not_image. `fail_status` answers Google's error body for that status `fail_times` times.
+        `together`: hold every call until that many have arrived (a barrier, so that the calls of a fan-out
+        all reach the fake before any of them answers; gives up after TOGETHER_WAIT_S)."""
         self.mode, self.finish_reason, self.block_reason = mode, finish_reason, block_reason
         self.fail_status, self.fail_times, self.error_body = fail_status, fail_times, error_body
         self.retry_after, self.retry_delay, self.delay_s = retry_after, retry_delay, delay_s
+        self.together = together
 
     def reset(self) -> None:
         self.calls.clear()
@@ -150,6 +156,10 @@ class FakeGemini(FakeUpstream):
         if model not in MODELS:
             return google_error(404, f"models/{model} is not found for API version v1beta, or is not supported "
                                      "for generateContent. Call ListModels to see the list of available models.")
+        if self.together:
+            deadline = time.monotonic() + TOGETHER_WAIT_S
+            while len(self.calls) < self.together and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
         if self.fail_status and self.fail_times > 0:
