@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any, Literal
 
+import anyio
 from pydantic import BaseModel, ConfigDict, Field
 
 from local_backend.jobs import FAMILIES, Job, JobCancelled, ModelLoadError, ModelSpec, OutOfMemory, QueueFull
@@ -125,7 +126,11 @@ class DiffusersProvider(Provider):
         assert isinstance(spec, ModelSpec)  # `unsupported` ran first
         job = self._job(spec, request)
         try:
-            result = await self.worker.run(job)
+            with anyio.fail_after(self.options.timeout_s):  # queue wait and run: then the next route
+                result = await self.worker.run(job)  # cancelling marks the job: it stops at its next step
+        except TimeoutError:
+            raise UpstreamError(f"the local job did not finish within {self.options.timeout_s:g} s", status=504,
+                                code="upstream_timeout", retryable=True, fallback=True) from None
         except QueueFull as exc:
             raise UpstreamError("the local GPU queue is full", status=429, code="upstream_rate_limited",
                                 retryable=True, retry_after=exc.retry_after) from None

@@ -120,6 +120,17 @@ def test_a_broken_model_is_a_clear_503_and_the_gateway_lives_on(gw: Gateway) -> 
     assert sdk(gw).images.generate(model="sd", prompt="p", size="64x64").data[0].b64_json
 
 
+def test_a_local_job_past_the_providers_timeout_is_a_504(model_dirs: dict[str, Path], tmp_path: Path) -> None:
+    """`timeout_s` bounds a local call (queue wait, load and steps) as it does a remote one, so a
+    model's next route gets its turn (stopping a cancelled job at its next step is tested in
+    test_worker.py)."""
+    with serve_gateway(local_config(tmp_path, model_dirs, timeout_s=0.2)) as slow:
+        with pytest.raises(openai.APIStatusError) as info:
+            sdk(slow).images.generate(model="sd", prompt="p", size="256x256", extra_body={"steps": 60})
+        assert info.value.status_code == 504
+        assert info.value.response.json()["error"]["code"] == "upstream_timeout"
+
+
 def test_an_unknown_lora_is_a_400_not_a_500(gw: Gateway) -> None:
     with pytest.raises(openai.BadRequestError) as info:
         sdk(gw).images.generate(model="sd-extra", prompt="p", size="64x64", extra_body={"lora": "no-such-lora"})
