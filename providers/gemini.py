@@ -206,6 +206,10 @@ class GeminiProvider(HTTPProvider):
                 "UNAUTHENTICATED", "PERMISSION_DENIED"):
             return UpstreamError(f"upstream rejected the gateway's credentials: {message}", status=502,
                                  code="upstream_auth_failed", fallback=True)
+        if status == 429 and _daily_quota(details):
+            # A per-day quota spent: waiting seconds does not help. Fall back; the breaker counts it.
+            return UpstreamError(f"the upstream account is out of quota: {message}", status=502,
+                                 code="upstream_quota_exceeded", fallback=True)
         if status == 429 and retry_after is None:
             retry_after = _retry_delay(details)
         if status == 400 and err.get("status") == "FAILED_PRECONDITION":
@@ -213,6 +217,17 @@ class GeminiProvider(HTTPProvider):
             return UpstreamError(f"upstream cannot serve this gateway: {message}", status=502, code="upstream_error",
                                  fallback=True)
         return http.error_for_status(status, message, retry_after=retry_after)
+
+
+def _daily_quota(details: list[dict[str, Any]]) -> bool:
+    """A QuotaFailure naming a per-day quota (e.g. `GenerateRequestsPerDayPerProjectPerModel`)."""
+    for detail in details:
+        if str(detail.get("@type", "")).endswith("google.rpc.QuotaFailure"):
+            violations = detail.get("violations")
+            if isinstance(violations, list) and any(
+                    isinstance(v, dict) and "PerDay" in str(v.get("quotaId", "")) for v in violations):
+                return True
+    return False
 
 
 def _parts(candidate: dict[str, Any]) -> list[dict[str, Any]]:

@@ -359,6 +359,19 @@ def test_rate_limit_is_429_with_retry_after(gw: Gateway, fake: FakeGemini, behav
     assert err.response.headers["retry-after"] == retry_after
 
 
+def test_a_spent_daily_quota_is_out_of_quota_not_a_rate_limit(gw: Gateway, fake: FakeGemini) -> None:
+    """Google's 429 RESOURCE_EXHAUSTED for a per-day quota: no retry helps today, so it falls back."""
+    body = {"error": {"code": 429, "status": "RESOURCE_EXHAUSTED",
+                      "message": "You exceeded your current quota, please check your plan and billing details.",
+                      "details": [{"@type": "type.googleapis.com/google.rpc.QuotaFailure", "violations": [
+                          {"quotaMetric": "generativelanguage.googleapis.com/generate_content_free_tier_requests",
+                           "quotaId": "GenerateRequestsPerDayPerProjectPerModel-FreeTier"}]},
+                          {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "20s"}]}}
+    fake.behave(fail_status=429, error_body=body)
+    err = error(gw, 502)
+    assert err.code == "upstream_quota_exceeded" and "exceeded your current quota" in err.message
+
+
 def test_slow_upstream_is_504(gw: Gateway, fake: FakeGemini) -> None:
     fake.behave(delay_s=1.5)
     assert error(gw, 504, model="nano-slow").code == "upstream_timeout"
