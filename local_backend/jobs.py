@@ -64,7 +64,8 @@ class Job:
         """Jobs with equal keys may run as one pipeline call; None: never batched (edits, previews)."""
         if self.operation != "generate" or self.partial_images or self.on_preview:
             return None
-        return (self.spec.name, self.width, self.height, self.steps, self.guidance_scale, self.negative_prompt,
+        # The whole spec, not its name: two routes may name one path with different schedulers.
+        return (self.spec, self.width, self.height, self.steps, self.guidance_scale, self.negative_prompt,
                 self.lora)
 
 

@@ -1,11 +1,14 @@
-"""Without `memory_budget_gb` the cache still has a budget, so a second large model evicts the first
-instead of running the device out of memory."""
+"""How the local backend sizes its cache and groups its work: without `memory_budget_gb` the cache
+still has a budget (so a second large model evicts the first instead of running the device out of
+memory); OOMs are recognised in the forms CUDA raises them; batches never mix model settings."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from local_backend.cache import GIB, default_budget
+from local_backend.jobs import Job, ModelSpec
 from local_backend.pipelines import is_out_of_memory
 from local_backend.worker import DeviceWorker
 
@@ -23,3 +26,14 @@ def test_cuda_style_out_of_memory_errors_are_recognised() -> None:
     assert is_out_of_memory(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert not is_out_of_memory(RuntimeError("size mismatch for conv_in.weight"))
     assert not is_out_of_memory(ValueError("out of memory"))  # only what torch and CUDA raise
+
+
+def test_jobs_of_one_model_name_with_different_settings_are_not_batched_together() -> None:
+    euler = ModelSpec(name="sd", family="sd15", path=Path("/models/sd"), scheduler="EulerDiscreteScheduler")
+    dpm = ModelSpec(name="sd", family="sd15", path=Path("/models/sd"), scheduler="DPMSolverMultistepScheduler")
+
+    def job(spec: ModelSpec, seed: int) -> Job:
+        return Job(spec=spec, operation="generate", prompt="p", width=64, height=64, n=1, seed=seed, steps=4)
+
+    assert job(euler, 1).batch_key() == job(euler, 2).batch_key()  # seeds differ: still one call
+    assert job(euler, 1).batch_key() != job(dpm, 1).batch_key()
