@@ -39,4 +39,5 @@ class HTTPProviderOptions(ProviderOptions):
     # Hosts (besides base_url's) that result URLs may be downloaded from; ".example.com" = any subdomain.
     download_hosts: list[str] = Field(default_factory=list)
     max_download_mb: float = Field(default=50.0, gt=0)
+    max_answer_mb: float = Field(default=256.0, gt=0)  # an API answer (JSON with base64 images), read whole
     download_timeout_s: float = Field(default=60.0, gt=0)

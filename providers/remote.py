@@ -74,10 +74,23 @@ class HTTPProvider(Provider):
                                 code="upstream_timeout", retryable=True) from None
 
     async def send(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        """One API call, its answer read whole but never past `max_answer_mb` (a broken upstream or
+        a proxy must not be able to fill the gateway's memory)."""
+        request = self.client.build_request(method, url, **kwargs)
         try:
-            return await self.client.request(method, url, **kwargs)
+            response = await self.client.send(request, stream=True)
+            try:
+                body = await http.read_capped(response, int(self.options.max_answer_mb * 1024 * 1024))
+            finally:
+                await response.aclose()
+        except http.TooLarge:
+            raise http.bad_response(f"upstream answer is larger than {self.options.max_answer_mb:g} MB") from None
         except httpx.HTTPError as exc:
             raise http.transport_error(exc) from None
+        # The body is decoded already: the headers must not say it is still compressed.
+        headers = [(k, v) for k, v in response.headers.multi_items()
+                   if k.lower() not in ("content-encoding", "content-length", "transfer-encoding")]
+        return httpx.Response(response.status_code, headers=headers, content=body, request=request)
 
     async def call(self, method: str, url: str, **kwargs: Any) -> Any:
         """Send, map an error status through `error`, and parse the JSON answer."""

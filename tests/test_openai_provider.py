@@ -288,6 +288,17 @@ def test_upstream_out_of_quota_is_not_retried_as_a_rate_limit(
     assert len(fake_openai.requests) == 1  # out of credit: waiting does not help, so no retry
 
 
+def test_an_answer_over_max_answer_mb_is_refused_unread(
+        tmp_path: Path, fake_openai: FakeOpenAI, start_gateway: StartGateway) -> None:
+    fake_openai.noise = True  # photo-like PNGs: 1024x1024 is ~4 MB of base64, 256x256 ~0.26 MB
+    cfg = base_config(tmp_path, fake_openai.base_url)
+    cfg["providers"]["up"]["max_answer_mb"] = 1
+    gw = start_gateway(cfg)
+    err = generate_error(gw, 502, size="1024x1024")
+    assert err.code == "upstream_bad_response" and "larger than 1 MB" in err.message
+    assert sdk(gw).images.generate(model="remote", prompt="p", size="256x256").data[0].b64_json  # small ones pass
+
+
 def test_upstream_rejecting_the_gateways_key_is_502_without_secrets(
         tmp_path: Path, fake_openai: FakeOpenAI, start_gateway: StartGateway) -> None:
     wrong_key = "sk-wrong-key-999"
