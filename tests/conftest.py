@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import socket
@@ -153,6 +154,26 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def leave_once(gw: Gateway, body: dict[str, Any], reached: Callable[[], bool], what: str) -> None:
+    """POST a generation, and drop the connection (the client is gone) once `reached()` says the
+    gateway got far enough — a condition, not a guessed time."""
+
+    async def go() -> None:
+        async with httpx.AsyncClient(base_url=gw.url, headers={"authorization": "Bearer test-key"},
+                                     timeout=30) as client:
+            call = asyncio.create_task(client.post("/v1/images/generations", json=body))
+            deadline = time.monotonic() + 10
+            while not reached():
+                assert not call.done(), call.result().text
+                assert time.monotonic() < deadline, f"timed out waiting for {what}"
+                await asyncio.sleep(0.02)
+            call.cancel()  # drops the connection
+            with pytest.raises(asyncio.CancelledError):
+                await call
+
+    asyncio.run(go())
 
 
 def wait_until_healthy(proc: subprocess.Popen[bytes], url: str, why: Callable[[], str] = lambda: "",

@@ -6,21 +6,19 @@ HTTP server on 127.0.0.1 that validates bodies per model family as BFL does and 
 
 from __future__ import annotations
 
-import asyncio
 import io
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import openai
 import pytest
 from PIL import Image
 
 from providers.bfl import BFLProvider
 from tests.conftest import (NO_BREAKER, PIL_FORMAT, Gateway, b64, base_config, checked_error, decode, expect_error,
-                            png_bytes, sdk, serve_gateway)
+                            leave_once, png_bytes, sdk, serve_gateway)
 from tests.fakes.bfl_upstream import FakeBFL
 
 BFL_KEY = "bfl_test-upstream-secret-456"
@@ -346,22 +344,9 @@ def test_hung_task_is_504_quickly_and_polling_stops(gw: Gateway, fake: FakeBFL) 
 def test_client_going_away_stops_polling(gw: Gateway, fake: FakeBFL) -> None:
     fake.behave(outcome="never")
 
-    async def go_away_once_polled() -> None:
-        # The client leaves once the gateway has polled twice, not after a guessed time.
-        async with httpx.AsyncClient(base_url=gw.url, headers={"authorization": "Bearer test-key"},
-                                     timeout=30) as client:
-            call = asyncio.create_task(client.post(
-                "/v1/images/generations", json={"model": "flux2", "prompt": "p", "size": "256x256"}))
-            deadline = time.monotonic() + 10
-            while len(fake.polls) < 2:
-                assert not call.done(), call.result().text
-                assert time.monotonic() < deadline, "the gateway never polled"
-                await asyncio.sleep(0.02)
-            call.cancel()  # drops the connection: the client is gone
-            with pytest.raises(asyncio.CancelledError):
-                await call
-
-    asyncio.run(go_away_once_polled())
+    # The client leaves once the gateway has polled twice.
+    leave_once(gw, {"model": "flux2", "prompt": "p", "size": "256x256"}, lambda: len(fake.polls) >= 2,
+               "the gateway to poll")
     # The gateway sees the disconnect and cancels the work, well before flux2's 10 s timeout would.
     assert assert_polling_stops(fake, within_s=3) > 1
 

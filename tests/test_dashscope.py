@@ -7,21 +7,20 @@ reset before each test.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import io
 import time
 from collections.abc import Iterator
 from typing import Any
 
-import httpx
 import openai
 import pytest
 from PIL import Image
 
 from providers.base import ImageRequest, InputImage
 from providers.dashscope import DashScopeOptions, DashScopeProvider
-from tests.conftest import NO_BREAKER, UPSTREAM_KEY, Gateway, b64, decode, expect_error, png_bytes, sdk, serve_gateway
+from tests.conftest import (NO_BREAKER, UPSTREAM_KEY, Gateway, b64, decode, expect_error, leave_once, png_bytes, sdk,
+                            serve_gateway)
 from tests.fakes.dashscope_upstream import ASYNC_PATH, SYNC_PATH, FakeDashScope
 
 WRONG_KEY = "sk-wrong-dashscope-999"
@@ -428,22 +427,10 @@ def test_running_task_is_not_cancelled_on_timeout(gw: Gateway, fake: FakeDashSco
 def test_client_disconnect_cancels_the_pending_task(gw: Gateway, fake: FakeDashScope) -> None:
     fake.behave(task="never")
 
-    async def go_away_once_polling() -> None:
-        # The client leaves once the gateway polls the task (so it knows the task id), not after a guessed time.
-        async with httpx.AsyncClient(base_url=gw.url, headers={"authorization": "Bearer test-key"},
-                                     timeout=30) as client:
-            call = asyncio.create_task(client.post(
-                "/v1/images/generations", json={"model": "qwen-async", "prompt": "p", "size": SQUARE}))
-            deadline = time.monotonic() + 10
-            while not any(r.method == "GET" and "/tasks/" in r.path for r in fake.requests):
-                assert not call.done(), call.result().text
-                assert time.monotonic() < deadline, "the gateway never polled the task"
-                await asyncio.sleep(0.02)
-            call.cancel()  # drops the connection: the client is gone
-            with pytest.raises(asyncio.CancelledError):
-                await call
-
-    asyncio.run(go_away_once_polling())
+    # The client leaves once the gateway polls the task (so it knows the task id).
+    leave_once(gw, {"model": "qwen-async", "prompt": "p", "size": SQUARE},
+               lambda: any(r.method == "GET" and "/tasks/" in r.path for r in fake.requests),
+               "the gateway to poll the task")
     deadline = time.monotonic() + 5
     while not fake.cancels and time.monotonic() < deadline:  # the gateway notices the disconnect, then cancels
         time.sleep(0.02)
