@@ -10,7 +10,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from .admission import check_rate, fingerprint, idempotency_key, idempotent
-from .auth import api_key
+from .auth import owner_id
 from .errors import ApiError, invalid
 from .gateway import Gateway, JSONResponse
 from .inputs import check_image, decode_b64, media_type, read_form, read_json
@@ -67,9 +67,8 @@ async def upload(request: Request) -> Response:
 
     async def store() -> Response:
         await check_rate(request, gw)
-        owner = api_key(request)
         art = await gw.artifacts.put(data, content_type=image.content_type, width=image.width,
-                                     height=image.height, owner=owner.id if owner else None)
+                                     height=image.height, owner=owner_id(request))
         return JSONResponse(art.public())
 
     return await idempotent(request, gw, key, lambda: fingerprint("/v1/uploads", None, [data]), store)
@@ -85,11 +84,10 @@ async def artifact_content(request: Request) -> Response:
             raise ApiError(403, "the artifact URL is invalid or has expired", code="invalid_signature")
         owner = None  # the signature is the credential: any owner's artifact
     else:
-        key = api_key(request)
-        if key is None and gw.cfg.auth.enabled:  # never "any owner" without a key or a valid signature
+        owner = owner_id(request)
+        if owner is None and gw.cfg.auth.enabled:  # never "any owner" without a key or a valid signature
             raise ApiError(401, "no API key: send `Authorization: Bearer <key>` or use a signed URL",
                            code="invalid_api_key", headers={"www-authenticate": "Bearer"})
-        owner = key.id if key else None
     found = await gw.artifacts.get(artifact_id, owner)
     if found is None:
         raise ApiError(404, f"artifact '{artifact_id}' not found", code="artifact_not_found")

@@ -76,6 +76,12 @@ def api_key(request: Request) -> KeyRecord | None:
     return getattr(request.state, "api_key", None)
 
 
+def owner_id(request: Request) -> str | None:
+    """Who owns what this request makes or reads (tasks, artifacts): the key's id; None with auth off."""
+    key = api_key(request)
+    return key.id if key is not None else None
+
+
 def check_model(request: Request, model_id: str) -> None:
     """403 when the caller's key has a model list and `model_id` is not on it."""
     key = api_key(request)

@@ -30,9 +30,13 @@ class ApiError(Exception):
     def from_upstream(cls, exc: UpstreamError) -> ApiError:
         return cls(exc.status, exc.message, param=exc.param, code=exc.code, retry_after=exc.retry_after)
 
-    def body(self) -> bytes:
+    def payload(self) -> dict[str, object]:
+        """The `error` object (what a failed task keeps too)."""
         kind = _TYPES.get(self.status, "server_error" if self.status >= 500 else "invalid_request_error")
-        return orjson.dumps({"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}})
+        return {"message": self.message, "type": kind, "param": self.param, "code": self.code}
+
+    def body(self) -> bytes:
+        return orjson.dumps({"error": self.payload()})
 
     def response(self) -> Response:
         return Response(self.body(), status_code=self.status, headers=self.headers, media_type="application/json")

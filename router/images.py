@@ -13,7 +13,7 @@ from providers.base import GeneratedImage
 
 from .admission import Admitted, admit, fingerprint, idempotency_key, idempotent
 from .attempts import Trail
-from .auth import api_key, check_model, model_filter
+from .auth import check_model, model_filter, owner_id
 from .delivery import ClientGone, deliver, route
 from .errors import ApiError, invalid
 from .fetch import Policy
@@ -55,17 +55,12 @@ async def edits(request: Request) -> Response:
             raise invalid("the request body must be a JSON object", code="invalid_json")
         # URLs are fetched here, before routing: a refused one costs no upstream call and stores nothing.
         fetch = Policy.of(gw.cfg.inputs) if gw.cfg.inputs.url_fetch else None
-        inputs = await json_inputs(data, gw.artifacts, max_pixels, fetch, owner=_owner(request))
+        inputs = await json_inputs(data, gw.artifacts, max_pixels, fetch, owner=owner_id(request))
         fields = data
     else:
         inputs, fields = await form_inputs(await read_form(request), max_pixels)
     body = parse_body(EditBody, fields)
     return await _serve(request, gw, body, "edit", inputs, lambda: fingerprint(EDITS, fields, _blobs(inputs)))
-
-
-def _owner(request: Request) -> str | None:
-    key = api_key(request)
-    return key.id if key is not None else None
 
 
 def _prepare(request: Request, gw: Gateway, body: GenerationBody, operation: str, inputs: Inputs) -> Prepared:
@@ -165,7 +160,7 @@ async def _answer(request: Request, gw: Gateway, prepared: Prepared, served: Ser
         response: Response = completed_stream(operation, finished, images, prepared.request, headers)
     else:
         items = await response_items(finished, images, prepared.response_format, gw.artifacts,
-                                     gw.base_url(request), owner=_owner(request))
+                                     gw.base_url(request), owner=owner_id(request))
         body = images_response(items, finished, prepared.request, prepared.model_id, price)
         if hold is not None:
             body["billing"].update(hold.body(price.cost_micros))

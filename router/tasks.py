@@ -17,14 +17,13 @@ from typing import Any
 
 import anyio
 import anyio.to_thread
-import orjson
 import pybase64
 from starlette.requests import Request
 from starlette.responses import Response
 
 from .admission import Admitted
 from .attempts import Trail
-from .auth import api_key
+from .auth import owner_id
 from .billing import SETTLE_TIMEOUT_S
 from .delivery import deliver, route
 from .errors import ApiError
@@ -100,12 +99,11 @@ class TaskRunner:
         """Write the task (queued, leased to us) and start it; the caller answers 202."""
         gw = self.gw
         assert gw.store is not None
-        key = api_key(request)
         req = prepared.request
         price = Price.of(req.width, req.height, req.n, gw.router.model(prepared.model_id).price_per_mp)
         held = admitted.hold.micros if admitted.hold else 0
         record = await gw.store.create_task(
-            task_id="task_" + secrets.token_hex(12), key_id=key.id if key else None, model=prepared.model_id,
+            task_id="task_" + secrets.token_hex(12), key_id=owner_id(request), model=prepared.model_id,
             operation=operation, response_format=prepared.response_format,
             hold_id=admitted.hold.id if admitted.hold else None, slot_id=admitted.slot,
             billing={**price.body(), "held_micros": held, "charged_micros": 0},
@@ -126,10 +124,10 @@ class TaskRunner:
             else:
                 outcome = ("canceled", None, None, 0)  # ended before it began; nothing to write
         except ApiError as exc:
-            outcome = ("failed", None, _error_object(exc), 0)
+            outcome = ("failed", None, exc.payload(), 0)
         except Exception:
             log.exception("task %s failed", record.id)
-            outcome = ("failed", None, _error_object(ApiError(500, "internal error", code="internal_error")), 0)
+            outcome = ("failed", None, ApiError(500, "internal error", code="internal_error").payload(), 0)
         finally:
             status, result, error, captured = outcome
             if status != "canceled":  # bounded: past it, the lease lapses and a sweep ends the task
@@ -199,8 +197,7 @@ class TaskRunner:
                     log.warning("could not record the progress of task %s", task_id)
 
 
-def _error_object(exc: ApiError) -> dict[str, Any]:
-    return orjson.loads(exc.body())["error"]  # the error's own rendering is the one source of its shape
+
 
 
 # -- HTTP ---------------------------------------------------------------------------------------
@@ -246,9 +243,8 @@ def _result(gw: Gateway, request: Request, task: TaskRecord, images: dict[str, b
 async def _owned(request: Request, gw: Gateway) -> TaskRecord:
     """The caller's task, or 404 for anything else: unknown, expired, or another key's."""
     task_id = request.path_params["task_id"]
-    key = api_key(request)
     task = await gw.store.get_task(task_id) if gw.store is not None else None
-    if task is None or task.key_id != (key.id if key else None) or task.expires_at <= time.time():
+    if task is None or task.key_id != owner_id(request) or task.expires_at <= time.time():
         raise ApiError(404, f"task '{task_id}' not found", code="task_not_found")
     return task
 
