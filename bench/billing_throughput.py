@@ -50,8 +50,8 @@ import sqlalchemy as sa  # noqa: E402
 import yaml  # noqa: E402
 from sqlalchemy.ext.asyncio import create_async_engine  # noqa: E402
 
-from router.state import open_store, usd_to_micros  # noqa: E402
-from router.state.schema import ledger  # noqa: E402
+from imagegate.router.state import open_store, usd_to_micros  # noqa: E402
+from imagegate.router.state.schema import ledger  # noqa: E402
 
 PG_SERVER = "postgresql://postgres@127.0.0.1:5432"
 CREDITS_USD = "1000000"
@@ -142,7 +142,7 @@ def write_config(tmp: Path, state_url: str, auth: bool) -> Path:
 def imagegate(*args: str) -> list[str]:
     """The venv's `imagegate` console script (as an operator runs it), else the module."""
     exe = Path(sys.executable).parent / "imagegate"
-    return ([str(exe)] if exe.exists() else [sys.executable, "-m", "router.cli"]) + list(args)
+    return ([str(exe)] if exe.exists() else [sys.executable, "-m", "imagegate"]) + list(args)
 
 
 def create_key(cfg_path: Path, credit: bool) -> tuple[str, str]:

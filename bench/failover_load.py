@@ -56,7 +56,7 @@ def start_gateway(cfg: dict, tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
     path = tmp / "bench.yaml"
     path.write_text(yaml.safe_dump(cfg))
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "router.cli", "serve", "--config", str(path), "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "imagegate", "serve", "--config", str(path), "--port", str(port),
                              "--log-level", "error"], cwd=Path(__file__).resolve().parent.parent,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"

@@ -103,7 +103,7 @@ def start_gateway(tmp: Path, upstream_url: str, port: int) -> subprocess.Popen[b
            "models": {MODEL: {"routes": [{"provider": "up", "model": "upstream-model"}]}}, "default_model": MODEL}
     (tmp / "bench.yaml").write_text(yaml.safe_dump(cfg))
     exe = Path(sys.executable).parent / "imagegate"
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "router.cli"]
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "imagegate"]
     cmd += ["serve", "--config", str(tmp / "bench.yaml"), "--port", str(port), "--log-level", "warning"]
     return subprocess.Popen(cmd, cwd=tmp, preexec_fn=child_setup)  # noqa: PLW1509 (no threads yet)
 

@@ -174,7 +174,7 @@ def start_gateway(s: Setup, tmp: Path, directory: Path) -> tuple[subprocess.Pope
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(s.threads),
            "MKL_NUM_THREADS": str(s.threads)}
     log = (tmp / "gateway.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "router.cli", "serve", "--config", str(tmp / "bench.yaml"),
+    proc = subprocess.Popen([sys.executable, "-m", "imagegate", "serve", "--config", str(tmp / "bench.yaml"),
                              "--port", str(port), "--log-level", "warning"], cwd=tmp, env=env, stdout=log, stderr=log)
     url, deadline = f"http://{HOST}:{port}", time.monotonic() + 900  # `same` loads before the port opens
     while time.monotonic() < deadline and proc.poll() is None:

@@ -17,9 +17,9 @@ from collections.abc import Callable
 
 import torch
 
-from local_backend.jobs import ModelLoadError, ModelSpec
-from local_backend.metrics import BackendMetrics
-from local_backend.pipelines import LoadedPipeline, estimate_bytes, load_pipeline, resolve_dtype
+from .jobs import ModelLoadError, ModelSpec
+from .metrics import BackendMetrics
+from .pipelines import LoadedPipeline, estimate_bytes, load_pipeline, resolve_dtype
 
 log = logging.getLogger("imagegate.local")
 Loader = Callable[[ModelSpec, str], LoadedPipeline]

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import torch
 
-from local_backend.jobs import Family, ModelLoadError, ModelSpec
+from .jobs import Family, ModelLoadError, ModelSpec
 
 log = logging.getLogger("imagegate.local")
 

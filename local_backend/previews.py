@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from local_backend.jobs import Family
+from .jobs import Family
 
 log = logging.getLogger("imagegate.local")
 FIT_IMAGES = 8  # colour fields encoded to fit the map

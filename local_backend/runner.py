@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 
-from local_backend.jobs import Job
-from local_backend.pipelines import LoadedPipeline, Operation
-from local_backend.previews import preview_png, preview_steps, previewer_for, unpack
+from .jobs import Job
+from .pipelines import LoadedPipeline, Operation
+from .previews import preview_png, preview_steps, previewer_for, unpack
 
 log = logging.getLogger("imagegate.local")
 Slot = tuple[Job, int]  # (job, image index within the job)

@@ -21,11 +21,11 @@ from collections import deque
 from dataclasses import dataclass, field
 
 
-from local_backend.cache import GIB, PipelineCache, default_budget, free_device_memory, load_error
-from local_backend.jobs import Job, JobCancelled, ModelLoadError, ModelSpec, OutOfMemory, QueueFull, Result
-from local_backend.metrics import BackendMetrics
-from local_backend.pipelines import LoadedPipeline, is_out_of_memory, resolve_device
-from local_backend.runner import Stop, run_jobs
+from .cache import GIB, PipelineCache, default_budget, free_device_memory, load_error
+from .jobs import Job, JobCancelled, ModelLoadError, ModelSpec, OutOfMemory, QueueFull, Result
+from .metrics import BackendMetrics
+from .pipelines import LoadedPipeline, is_out_of_memory, resolve_device
+from .runner import Stop, run_jobs
 
 log = logging.getLogger("imagegate.local")
 

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import anyio
 from pydantic import BaseModel, ConfigDict, Field
 
-from local_backend.jobs import FAMILIES, Job, JobCancelled, ModelLoadError, ModelSpec, OutOfMemory, QueueFull
+from imagegate.local_backend.jobs import FAMILIES, Job, JobCancelled, ModelLoadError, ModelSpec, OutOfMemory, QueueFull
 
 from .base import GeneratedImage, ImageRequest, Provider, ProviderResult, UpstreamError
 from .options import ProviderOptions
@@ -76,8 +76,8 @@ class DiffusersProvider(Provider):
 
     async def start(self) -> None:
         # torch and diffusers load here, only when a diffusers provider is configured.
-        from local_backend.metrics import BackendMetrics
-        from local_backend.worker import DeviceWorker
+        from imagegate.local_backend.metrics import BackendMetrics
+        from imagegate.local_backend.worker import DeviceWorker
 
         metrics = BackendMetrics(self._metrics_registry) if self._metrics_registry is not None else None
         self.worker = DeviceWorker(self.options.device, memory_budget_gb=self.options.memory_budget_gb,

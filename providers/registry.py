@@ -11,13 +11,13 @@ from importlib import import_module
 from .base import Provider
 
 _PATHS: dict[str, str] = {
-    "demo": "providers.demo:DemoProvider",
-    "openai": "providers.openai_compat:OpenAIProvider",
-    "a1111": "providers.a1111:A1111Provider",
-    "bfl": "providers.bfl:BFLProvider",
-    "dashscope": "providers.dashscope:DashScopeProvider",
-    "gemini": "providers.gemini:GeminiProvider",
-    "diffusers": "providers.diffusers:DiffusersProvider",
+    "demo": "imagegate.providers.demo:DemoProvider",
+    "openai": "imagegate.providers.openai_compat:OpenAIProvider",
+    "a1111": "imagegate.providers.a1111:A1111Provider",
+    "bfl": "imagegate.providers.bfl:BFLProvider",
+    "dashscope": "imagegate.providers.dashscope:DashScopeProvider",
+    "gemini": "imagegate.providers.gemini:GeminiProvider",
+    "diffusers": "imagegate.providers.diffusers:DiffusersProvider",
 }
 KINDS: frozenset[str] = frozenset(_PATHS)
 

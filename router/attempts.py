@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import anyio
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 
-from providers.base import ImageRequest, Provider, ProviderResult, UpstreamError
+from imagegate.providers.base import ImageRequest, Provider, ProviderResult, UpstreamError
 
 from .config import RetryConfig
 from .metrics import Metrics

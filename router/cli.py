@@ -38,7 +38,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if args.workers > 1:
         _multiprocess_metrics()
         os.environ["IMAGEGATE_CONFIG"] = str(Path(args.config).resolve()) if args.config else ""
-        uvicorn.run("router.app:app_from_env", factory=True, workers=args.workers, **options)
+        uvicorn.run("imagegate.router.app:app_from_env", factory=True, workers=args.workers, **options)
     else:
         uvicorn.run(create_app(cfg), **options)
 

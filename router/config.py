@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from importlib import resources
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
@@ -11,9 +12,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from providers import registry
+from imagegate.providers import registry
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "default.yaml"
+# The embedded default, read from the installed package (a wheel has no repository around it).
+DEFAULT_CONFIG = resources.files("imagegate.config").joinpath("default.yaml")
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
 

@@ -10,7 +10,7 @@ from typing import TypeVar
 import anyio
 from starlette.requests import Request
 
-from providers.base import GeneratedImage
+from imagegate.providers.base import GeneratedImage
 
 from .attempts import Trail
 from .errors import ApiError

@@ -7,7 +7,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
-from providers.base import UpstreamError
+from imagegate.providers.base import UpstreamError
 
 _TYPES = {
     400: "invalid_request_error", 401: "authentication_error", 402: "insufficient_quota",

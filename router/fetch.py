@@ -18,7 +18,7 @@ from urllib.parse import urljoin, urlsplit
 import anyio
 import httpx
 
-from providers.http import MAX_REDIRECTS, TooLarge, read_capped
+from imagegate.providers.http import MAX_REDIRECTS, TooLarge, read_capped
 
 from .config import InputsConfig
 from .errors import ApiError, invalid

@@ -13,8 +13,8 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
-from providers import registry
-from providers.base import Provider
+from imagegate.providers import registry
+from imagegate.providers.base import Provider
 
 from .artifacts import ArtifactStore, load_or_create_secret
 from .config import Config

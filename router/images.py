@@ -9,7 +9,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from providers.base import GeneratedImage
+from imagegate.providers.base import GeneratedImage
 
 from .admission import Admitted, admit, fingerprint, idempotency_key, idempotent
 from .attempts import Trail

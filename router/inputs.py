@@ -13,8 +13,8 @@ from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
-from providers.base import InputImage
-from providers.imaging import ImageCheckError, inspect
+from imagegate.providers.base import InputImage
+from imagegate.providers.imaging import ImageCheckError, inspect
 
 from .artifacts import ArtifactStore
 from .errors import ApiError, invalid

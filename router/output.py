@@ -10,8 +10,8 @@ from typing import Any
 import anyio.to_thread
 import pybase64
 
-from providers.base import GeneratedImage, ImageRequest
-from providers.imaging import ImageCheckError, ImageInfo, convert, inspect, needs_conversion
+from imagegate.providers.base import GeneratedImage, ImageRequest
+from imagegate.providers.imaging import ImageCheckError, ImageInfo, convert, inspect, needs_conversion
 
 from .artifacts import ArtifactStore
 from .errors import ApiError

@@ -14,7 +14,7 @@ from typing import Any
 
 import anyio
 
-from providers.base import ImageRequest, Provider, ProviderResult, UpstreamError
+from imagegate.providers.base import ImageRequest, Provider, ProviderResult, UpstreamError
 
 from .attempts import RouteCaller, Trail
 from .config import Config, ModelConfig, RetryConfig

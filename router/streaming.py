@@ -18,7 +18,7 @@ import orjson
 import pybase64
 from starlette.responses import StreamingResponse
 
-from providers.base import GeneratedImage, ImageRequest
+from imagegate.providers.base import GeneratedImage, ImageRequest
 
 from .errors import ApiError, internal_error
 from .output import Finished

@@ -10,7 +10,7 @@ import re
 import secrets
 from dataclasses import dataclass, field
 
-from providers.base import ImageRequest, InputImage
+from imagegate.providers.base import ImageRequest, InputImage
 
 from .config import ModelConfig, parse_size
 from .errors import ApiError, invalid

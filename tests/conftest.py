@@ -19,8 +19,8 @@ import yaml
 from openai import AsyncOpenAI, OpenAI
 from PIL import Image
 
-from router.app import create_app
-from router.config import load_text
+from imagegate.router.app import create_app
+from imagegate.router.config import load_text
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.fakes.server import ServerThread
 

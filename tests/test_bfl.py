@@ -16,7 +16,7 @@ import openai
 import pytest
 from PIL import Image
 
-from providers.bfl import BFLProvider
+from imagegate.providers.bfl import BFLProvider
 from tests.conftest import (NO_BREAKER, PIL_FORMAT, Gateway, b64, base_config, checked_error, decode, expect_error,
                             leave_once, png_bytes, sdk, serve_gateway)
 from tests.fakes.bfl_upstream import FakeBFL

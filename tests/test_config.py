@@ -19,8 +19,8 @@ import pytest
 import yaml
 from openai import OpenAI
 
-from router.config import DEFAULT_CONFIG, Config, ConfigError, load, load_text
-from router.output import Price
+from imagegate.router.config import DEFAULT_CONFIG, Config, ConfigError, load, load_text
+from imagegate.router.output import Price
 from tests.conftest import decode, free_port, wait_until_healthy
 
 REPO = Path(__file__).resolve().parent.parent
@@ -64,7 +64,7 @@ def problems_of(cfg: dict[str, Any] | str) -> list[str]:
 
 def imagegate_command() -> list[str]:
     script = Path(sys.executable).parent / "imagegate"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "router.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "imagegate"]
 
 
 def run_cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:

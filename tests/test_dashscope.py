@@ -17,8 +17,8 @@ import openai
 import pytest
 from PIL import Image
 
-from providers.base import ImageRequest, InputImage
-from providers.dashscope import DashScopeOptions, DashScopeProvider
+from imagegate.providers.base import ImageRequest, InputImage
+from imagegate.providers.dashscope import DashScopeOptions, DashScopeProvider
 from tests.conftest import (NO_BREAKER, UPSTREAM_KEY, Gateway, b64, decode, expect_error, leave_once, png_bytes, sdk,
                             serve_gateway)
 from tests.fakes.dashscope_upstream import ASYNC_PATH, SYNC_PATH, FakeDashScope

@@ -16,8 +16,8 @@ import openai
 import pytest
 from PIL import Image
 
-from providers.base import ImageRequest, InputImage
-from providers.gemini import GeminiOptions, GeminiProvider, image_config
+from imagegate.providers.base import ImageRequest, InputImage
+from imagegate.providers.gemini import GeminiOptions, GeminiProvider, image_config
 from tests.conftest import NO_BREAKER, PIL_FORMAT, Gateway, b64, decode, expect_error, png_bytes, sdk, serve_gateway
 from tests.fakes.gemini_upstream import FakeGemini
 

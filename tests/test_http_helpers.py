@@ -9,10 +9,10 @@ import anyio
 import httpx
 import pytest
 
-from providers.aio import gather
-from providers.base import UpstreamError
-from providers.http import MAX_RETRY_AFTER_S, retry_after_seconds, transport_error
-from router.errors import ApiError
+from imagegate.providers.aio import gather
+from imagegate.providers.base import UpstreamError
+from imagegate.providers.http import MAX_RETRY_AFTER_S, retry_after_seconds, transport_error
+from imagegate.router.errors import ApiError
 
 
 def _after(value: str) -> float | None:

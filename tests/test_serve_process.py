@@ -47,7 +47,7 @@ class ServeProcess:
             env["PROMETHEUS_MULTIPROC_DIR"] = str(tmp_path / "metrics")
             (tmp_path / "metrics").mkdir()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "router.cli", "serve", "--config", str(path), "--port", str(self.port),
+            [sys.executable, "-m", "imagegate", "serve", "--config", str(path), "--port", str(self.port),
              "--workers", str(workers), "--log-level", "warning"],
             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
         self.url = f"http://127.0.0.1:{self.port}"

@@ -17,8 +17,8 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from router.errors import ApiError
-from router.fetch import Policy, Target, _pinned, fetch_image_url
+from imagegate.router.errors import ApiError
+from imagegate.router.fetch import Policy, Target, _pinned, fetch_image_url
 from tests.bad_input.support import EDITS, assert_error
 from tests.conftest import UPSTREAM_KEY, Gateway, b64, base_config, decode, png_bytes, serve_gateway
 from tests.fakes.openai_upstream import FakeOpenAI

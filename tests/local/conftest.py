@@ -36,8 +36,8 @@ def registry() -> Any:
 @pytest.fixture(scope="session")
 def worker(registry: Any) -> Iterator[Any]:
     """The shared CPU worker (no memory budget). Tests that evict, fail or fill a worker make their own."""
-    from local_backend.metrics import BackendMetrics
-    from local_backend.worker import DeviceWorker
+    from imagegate.local_backend.metrics import BackendMetrics
+    from imagegate.local_backend.worker import DeviceWorker
 
     w = DeviceWorker("cpu", memory_budget_gb=None, max_queue=16, max_batch=4, metrics=BackendMetrics(registry))
     asyncio.run(w.start())

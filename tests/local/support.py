@@ -7,7 +7,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from local_backend.jobs import FAMILIES, Job, ModelSpec
+from imagegate.local_backend.jobs import FAMILIES, Job, ModelSpec
 from tests.local import single_file, tiny
 
 # Image side per family: SD latents are 1/2 of it (two VAE blocks); Flux/Qwen need multiples of 4 and pack 2x2.

@@ -16,10 +16,10 @@ import pytest
 import torch
 from PIL import Image
 
-from local_backend.jobs import FAMILIES, ModelLoadError, ModelSpec
-from local_backend.pipelines import load_pipeline, resolve_dtype
-from local_backend.previews import preview_steps
-from local_backend.runner import inpaint_mask
+from imagegate.local_backend.jobs import FAMILIES, ModelLoadError, ModelSpec
+from imagegate.local_backend.pipelines import load_pipeline, resolve_dtype
+from imagegate.local_backend.previews import preview_steps
+from imagegate.local_backend.runner import inpaint_mask
 from tests.local.support import SIDE, Blocker, make_job, mask_png, pixels, source_png
 
 run = asyncio.run

@@ -152,7 +152,7 @@ def test_a_gateway_routes_to_an_imagegate_worker(model_dirs: dict[str, Path], tm
     path.write_text(yaml.safe_dump(worker_cfg))
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "router.cli", "worker", "--config", str(path), "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "imagegate", "worker", "--config", str(path), "--port", str(port),
                              "--log-level", "warning"], cwd=ROOT, env=env, start_new_session=True)
     try:
         worker_url = f"http://127.0.0.1:{port}"

@@ -7,10 +7,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from local_backend.cache import GIB, default_budget
-from local_backend.jobs import Job, ModelSpec
-from local_backend.pipelines import is_out_of_memory
-from local_backend.worker import DeviceWorker
+from imagegate.local_backend.cache import GIB, default_budget
+from imagegate.local_backend.jobs import Job, ModelSpec
+from imagegate.local_backend.pipelines import is_out_of_memory
+from imagegate.local_backend.worker import DeviceWorker
 
 
 def test_unset_budget_is_half_the_ram_on_the_cpu_never_unbounded() -> None:

@@ -13,10 +13,10 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
-from local_backend.jobs import JobCancelled, ModelLoadError, ModelSpec, OutOfMemory, QueueFull
-from local_backend.metrics import BackendMetrics
-from local_backend.pipelines import estimate_bytes
-from local_backend.worker import GIB, DeviceWorker
+from imagegate.local_backend.jobs import JobCancelled, ModelLoadError, ModelSpec, OutOfMemory, QueueFull
+from imagegate.local_backend.metrics import BackendMetrics
+from imagegate.local_backend.pipelines import estimate_bytes
+from imagegate.local_backend.worker import GIB, DeviceWorker
 from tests.local.support import SIDE, Blocker, make_job, source_png
 
 run = asyncio.run

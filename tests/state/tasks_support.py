@@ -20,7 +20,7 @@ import sqlalchemy as sa
 import yaml
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from router.state.store import async_url
+from imagegate.router.state.store import async_url
 from tests.conftest import free_port, wait_until_healthy
 
 ADMIN = "admin-secret-for-tests"
@@ -136,7 +136,7 @@ class ServeProcess:
         env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "router.cli", "serve", "--config", str(path), "--port", str(self.port),
+                [sys.executable, "-m", "imagegate", "serve", "--config", str(path), "--port", str(self.port),
                  "--log-level", "warning"],
                 cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.http = httpx.Client(base_url=self.url, timeout=30)

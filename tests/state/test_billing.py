@@ -14,9 +14,9 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from router import state
-from router.state import schema
-from router.state.store import Store
+from imagegate.router import state
+from imagegate.router.state import schema
+from imagegate.router.state.store import Store
 from tests.conftest import StartGateway, base_config, serve_gateway
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.state.conftest import Backend, pg_database

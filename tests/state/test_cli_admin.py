@@ -17,7 +17,7 @@ ADMIN = "admin-secret-for-tests"
 
 
 def keys(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "router.cli", "keys", *args, "--config", str(config)],
+    return subprocess.run([sys.executable, "-m", "imagegate", "keys", *args, "--config", str(config)],
                           cwd=REPO, capture_output=True, text=True, timeout=60)
 
 

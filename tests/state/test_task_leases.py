@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from router.state import Store, open_store
+from imagegate.router.state import Store, open_store
 from tests.conftest import StartGateway, base_config
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.state.tasks_support import ADMIN, accepted, get_task, make_key, poll, submit, usage, wait_for
