@@ -1,5 +1,5 @@
 """Credit holds: money set aside before a request is routed, then captured (what was delivered) and
-released (the rest). Mixed into `Store`; each public method is one transaction.
+released (the rest). Plain functions over a connection, in the caller's transaction.
 
 Ledger scheme, which keeps SUM(ledger.amount_micros) == balance_micros at every commit:
 - `hold`    −amount   when placed (the balance drops by the whole hold at once);
@@ -10,16 +10,15 @@ Ledger scheme, which keeps SUM(ledger.amount_micros) == balance_micros at every 
 
 from __future__ import annotations
 
-import logging
 import time
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection
 
+from . import keys
 from .keygen import new_key_id
-from .records import InsufficientCredit, KeyNotFound, LedgerEntry, LedgerKind, StateError
+from .records import InsufficientCredit, StateError
 from .schema import api_keys, holds, ledger
-
 
 # Built once: every request holds, and building a statement costs more than running it on SQLite.
 _TAKE = (api_keys.update()
@@ -30,113 +29,67 @@ _POST_HOLD = ledger.insert()
 _NEW_HOLD = holds.insert()
 
 
-log = logging.getLogger("imagegate.state")
-
-
 def new_hold_id() -> str:
     return "hold_" + new_key_id().removeprefix("key_")
 
 
-class HoldsMixin:
-    engine: AsyncEngine
+async def take(conn: AsyncConnection, key_id: str, micros: int, reference: str | None) -> str:
+    """Take `micros` from the key's balance, or raise InsufficientCredit having taken nothing.
 
-    async def _get(self, conn: AsyncConnection, key_id: str) -> object: ...  # provided by Store
+    One conditional UPDATE (`balance >= :m` in its WHERE) decides: no read-then-write, so
+    concurrent holds on one key, from any number of replicas, can never overdraw it.
+    """
+    if isinstance(micros, bool) or not isinstance(micros, int) or micros < 0:
+        raise StateError("a hold must be a whole number of micro-dollars, zero or more")
+    hold_id, now = new_hold_id(), time.time()
+    taken = await conn.execute(_TAKE, {"key": key_id, "micros": micros})
+    if taken.rowcount != 1:
+        key = await keys.get(conn, key_id)  # KeyNotFound when that is the reason
+        if key.balance_micros is None:
+            raise StateError(f"API key '{key_id}' is unlimited (it keeps no balance)")
+        raise InsufficientCredit(key_id, micros)
+    await conn.execute(_POST_HOLD, {"key_id": key_id, "at": now, "kind": "hold", "amount_micros": -micros,
+                                    "reference": hold_id})
+    await conn.execute(_NEW_HOLD, {"id": hold_id, "key_id": key_id, "amount_micros": micros,
+                                   "captured_micros": None, "status": "held", "reference": reference,
+                                   "created_at": now})
+    return hold_id
 
-    async def _post(self, conn: AsyncConnection, key_id: str, kind: LedgerKind, amount: int,
-                    reference: str | None) -> None: ...  # provided by Store
 
-    async def hold(self, key_id: str, micros: int, reference: str | None = None) -> str:
-        """Take `micros` from the key's balance, or raise InsufficientCredit having taken nothing.
+async def settle(conn: AsyncConnection, hold_id: str, captured_micros: int) -> bool:
+    """Capture `captured_micros` (at most the hold) and give the rest back. Idempotent: only the
+    first settle of a hold moves money (the status flip is conditional); later ones return False.
 
-        One conditional UPDATE (`balance >= :m` in its WHERE) decides: no read-then-write, so
-        concurrent holds on one key, from any number of replicas, can never overdraw it.
-        """
-        if isinstance(micros, bool) or not isinstance(micros, int) or micros < 0:
-            raise StateError("a hold must be a whole number of micro-dollars, zero or more")
-        hold_id, now = new_hold_id(), time.time()
-        async with self.engine.begin() as conn:
-            taken = await conn.execute(_TAKE, {"key": key_id, "micros": micros})
-            if taken.rowcount != 1:
-                key = await self._get(conn, key_id)  # KeyNotFound when that is the reason
-                if getattr(key, "balance_micros", None) is None:
-                    raise StateError(f"API key '{key_id}' is unlimited (it keeps no balance)")
-                raise InsufficientCredit(key_id, micros)
-            await conn.execute(_POST_HOLD, {"key_id": key_id, "at": now, "kind": "hold", "amount_micros": -micros,
-                                            "reference": hold_id})
-            await conn.execute(_NEW_HOLD, {"id": hold_id, "key_id": key_id, "amount_micros": micros,
-                                           "captured_micros": None, "status": "held", "reference": reference,
-                                           "created_at": now})
-        return hold_id
+    One UPDATE … RETURNING both flips the hold (only if still `held`) and reads what it was:
+    a round trip fewer than reading first, and the flip stays the one thing that decides."""
+    asked = max(0, int(captured_micros))
+    flipped = (await conn.execute(
+        holds.update()
+        .where(holds.c.id == hold_id, holds.c.status == "held")
+        .values(status="settled",
+                captured_micros=sa.case((holds.c.amount_micros < asked, holds.c.amount_micros), else_=asked))
+        .returning(holds.c.key_id, holds.c.amount_micros, holds.c.captured_micros))).first()
+    if flipped is None:
+        if (await conn.execute(sa.select(holds.c.id).where(holds.c.id == hold_id))).first() is None:
+            raise StateError(f"hold '{hold_id}' not found")
+        return False  # settled already (maybe by another replica's sweep)
+    captured = flipped.captured_micros
+    if captured:
+        await conn.execute(ledger.insert().values(
+            key_id=flipped.key_id, at=time.time(), kind="capture", amount_micros=0,
+            reference=f"{hold_id} captured={captured}"))
+    if flipped.amount_micros - captured:
+        await keys.post(conn, flipped.key_id, "release", flipped.amount_micros - captured, hold_id)
+    return True
 
-    async def settle(self, hold_id: str, captured_micros: int) -> bool:
-        """Capture `captured_micros` (at most the hold) and give the rest back. Idempotent: only the
-        first settle of a hold moves money (the status flip is conditional); later ones return False."""
-        async with self.engine.begin() as conn:
-            return await self._settle(conn, hold_id, captured_micros)
 
-    async def _settle(self, conn: AsyncConnection, hold_id: str, captured_micros: int) -> bool:
-        """`settle` inside the caller's transaction (a task's end and its money move together).
+async def placed_before(conn: AsyncConnection, cutoff: float) -> list[str]:
+    """Holds still `held` that were placed before `cutoff` (unix seconds)."""
+    rows = await conn.execute(sa.select(holds.c.id).where(holds.c.status == "held", holds.c.created_at < cutoff))
+    return [row.id for row in rows]
 
-        One UPDATE … RETURNING both flips the hold (only if still `held`) and reads what it was:
-        a round trip fewer than reading first, and the flip stays the one thing that decides."""
-        asked = max(0, int(captured_micros))
-        flipped = (await conn.execute(
-            holds.update()
-            .where(holds.c.id == hold_id, holds.c.status == "held")
-            .values(status="settled",
-                    captured_micros=sa.case((holds.c.amount_micros < asked, holds.c.amount_micros), else_=asked))
-            .returning(holds.c.key_id, holds.c.amount_micros, holds.c.captured_micros))).first()
-        if flipped is None:
-            if (await conn.execute(sa.select(holds.c.id).where(holds.c.id == hold_id))).first() is None:
-                raise StateError(f"hold '{hold_id}' not found")
-            return False  # settled already (maybe by another replica's sweep)
-        captured = flipped.captured_micros
-        if captured:
-            await conn.execute(ledger.insert().values(
-                key_id=flipped.key_id, at=time.time(), kind="capture", amount_micros=0,
-                reference=f"{hold_id} captured={captured}"))
-        if flipped.amount_micros - captured:
-            await self._post(conn, flipped.key_id, "release", flipped.amount_micros - captured, hold_id)
-        return True
 
-    async def release(self, hold_id: str) -> bool:
-        """Give the whole hold back (a failed or cancelled request)."""
-        return await self.settle(hold_id, 0)
-
-    async def release_stale_holds(self, older_than_s: float) -> int:
-        """Release every hold still `held` that was placed more than `older_than_s` ago; the number.
-
-        Called when a gateway starts, to undo holds left by a crash: the gateway passes
-        `server.request_timeout_s` + a grace period, after which no request or task can still be
-        running on any replica (tasks run under the same deadline). A task's hold is usually
-        released sooner, by the sweep that fails its lapsed lease; settling twice moves money once.
-        """
-        cutoff = time.time() - older_than_s
-        async with self.engine.connect() as conn:
-            found = await conn.execute(sa.select(holds.c.id)
-                                       .where(holds.c.status == "held", holds.c.created_at < cutoff))
-            stale = [row.id for row in found]
-        released = 0
-        for hold_id in stale:
-            try:  # one hold that cannot be settled must not keep the others from it
-                released += await self.release(hold_id)
-            except Exception:
-                log.exception("could not release stale hold %s", hold_id)
-        return released
-
-    async def held(self, key_id: str) -> list[str]:
-        """The ids of the key's holds not settled yet."""
-        async with self.engine.connect() as conn:
-            rows = await conn.execute(sa.select(holds.c.id).where(holds.c.key_id == key_id,
-                                                                  holds.c.status == "held"))
-            return [row.id for row in rows]
-
-    async def recent_ledger(self, key_id: str, limit: int = 100) -> list[LedgerEntry]:
-        """The key's ledger, most recent first."""
-        from .store import _entry  # one row → record mapping, kept in store.py
-        async with self.engine.connect() as conn:
-            if (await conn.execute(sa.select(api_keys.c.id).where(api_keys.c.id == key_id))).first() is None:
-                raise KeyNotFound(key_id)
-            rows = await conn.execute(sa.select(ledger).where(ledger.c.key_id == key_id)
-                                      .order_by(ledger.c.id.desc()).limit(limit))
-            return [_entry(row) for row in rows]
+async def held(conn: AsyncConnection, key_id: str) -> list[str]:
+    """The ids of the key's holds not settled yet."""
+    rows = await conn.execute(sa.select(holds.c.id).where(holds.c.key_id == key_id, holds.c.status == "held"))
+    return [row.id for row in rows]

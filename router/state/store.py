@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
-import json
+import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,14 +14,13 @@ from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from .admission import AdmissionMixin
-from .holds import HoldsMixin
-from .records import KeyNotFound, KeyRecord, LedgerEntry, LedgerKind, StateError
-from .schema import api_keys, ledger, migrate
-from .tasks import TasksMixin
-from .keygen import DISPLAY_CHARS, hash_secret, looks_like_key, new_key_id, new_secret
+from . import holds, keys, limits, replays, tasks
+from .records import KeyRecord, LedgerEntry, Replay, StateError, TaskRecord
+from .replays import Claim
+from .schema import migrate
 
 _DRIVERS = {"sqlite": "sqlite+aiosqlite", "postgresql": "postgresql+asyncpg", "postgres": "postgresql+asyncpg"}
+log = logging.getLogger("imagegate.state")
 _MIGRATE_TRIES = 5  # SQLite: replicas (or `serve --workers`) starting together may race to migrate
 
 
@@ -58,27 +56,11 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-def _record(row: sa.Row[Any]) -> KeyRecord:
-    models = json.loads(row.models) if row.models is not None else None
-    return KeyRecord(id=row.id, name=row.name, prefix=row.prefix, created_at=row.created_at,
-                     revoked_at=row.revoked_at, balance_micros=row.balance_micros,
-                     models=tuple(models) if models is not None else None, rpm=row.rpm,
-                     concurrency=row.concurrency)
-
-
-def _entry(row: sa.Row[Any]) -> LedgerEntry:
-    return LedgerEntry(id=row.id, key_id=row.key_id, at=row.at, kind=row.kind,
-                       amount_micros=row.amount_micros, reference=row.reference)
-
-
-def _positive_or_none(value: int | None, what: str) -> int | None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise StateError(f"{what} must be a whole number of at least 1")
-    return value
-
-
-class Store(HoldsMixin, TasksMixin, AdmissionMixin):
-    """Every public method is one transaction; the balance and its ledger rows change together."""
+class Store:
+    """The state store's one interface. Every public method is one transaction (the sweeps, one per
+    item), so a balance and its ledger rows, or a task's end and its money, always change together.
+    The statements themselves are plain functions over a connection in keys.py, holds.py,
+    limits.py, replays.py and tasks.py."""
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
@@ -95,98 +77,185 @@ class Store(HoldsMixin, TasksMixin, AdmissionMixin):
         except (DBAPIError, OSError):
             return False
 
+    # -- keys and their ledger
+
     async def create_key(self, name: str, credits_micros: int | None = None,
                          models: Sequence[str] | None = None, rpm: int | None = None,
                          concurrency: int | None = None) -> tuple[KeyRecord, str]:
         """A new key and its secret; the secret is returned here once and never stored."""
-        if not name.strip():
-            raise StateError("a key needs a name")
-        if credits_micros is not None and credits_micros < 0:
-            raise StateError("credits must be zero or more")
-        secret, key_id, now = new_secret(), new_key_id(), time.time()
-        values = {"id": key_id, "name": name.strip(), "prefix": secret[:DISPLAY_CHARS],
-                  "key_hash": hash_secret(secret), "created_at": now, "revoked_at": None,
-                  "balance_micros": 0 if credits_micros is not None else None,
-                  "models": json.dumps(sorted(set(models))) if models is not None else None,
-                  "rpm": _positive_or_none(rpm, "rpm"),
-                  "concurrency": _positive_or_none(concurrency, "concurrency")}
         async with self.engine.begin() as conn:
-            await conn.execute(api_keys.insert().values(**values))
-            if credits_micros:
-                await self._post(conn, key_id, "topup", credits_micros, "initial credits")
-            record = await self._get(conn, key_id)
-        return record, secret
+            return await keys.create(conn, name, credits_micros, models, rpm, concurrency)
 
     async def get_key(self, key_id: str) -> KeyRecord:
         async with self.engine.connect() as conn:
-            return await self._get(conn, key_id)
+            return await keys.get(conn, key_id)
 
     async def list_keys(self) -> list[KeyRecord]:
         async with self.engine.connect() as conn:
-            rows = await conn.execute(sa.select(api_keys).order_by(api_keys.c.created_at, api_keys.c.id))
-            return [_record(row) for row in rows]
+            return await keys.list_all(conn)
 
     async def revoke(self, key_id: str) -> KeyRecord:
-        """Revoking twice keeps the first time; the key and its ledger stay for the record."""
         async with self.engine.begin() as conn:
-            await conn.execute(api_keys.update()
-                               .where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
-                               .values(revoked_at=time.time()))
-            return await self._get(conn, key_id)
+            return await keys.revoke(conn, key_id)
 
     async def topup(self, key_id: str, micros: int, reference: str | None = None) -> KeyRecord:
         if micros <= 0:
             raise StateError("a topup must be more than zero")
         async with self.engine.begin() as conn:
-            await self._post(conn, key_id, "topup", micros, reference)
-            return await self._get(conn, key_id)
+            await keys.post(conn, key_id, "topup", micros, reference)
+            return await keys.get(conn, key_id)
 
     async def authenticate(self, secret: str) -> KeyRecord | None:
         """The live key whose secret this is, else None (unknown, malformed or revoked alike)."""
-        if not looks_like_key(secret):
-            return None
-        digest = hash_secret(secret)
         async with self.engine.connect() as conn:
-            row = (await conn.execute(sa.select(api_keys).where(api_keys.c.key_hash == digest))).first()
-        # The lookup is by hash, so timing says nothing about the secret; compare again anyway so a
-        # collation or driver quirk in the WHERE can never let a near-miss through.
-        if row is None or not hmac.compare_digest(row.key_hash, digest) or row.revoked_at is not None:
-            return None
-        return _record(row)
+            return await keys.by_secret(conn, secret)
 
     async def balance(self, key_id: str) -> int | None:
         return (await self.get_key(key_id)).balance_micros
 
     async def ledger(self, key_id: str) -> list[LedgerEntry]:
         async with self.engine.connect() as conn:
-            await self._get(conn, key_id)  # an unknown key is an error, not an empty history
-            rows = await conn.execute(sa.select(ledger).where(ledger.c.key_id == key_id).order_by(ledger.c.id))
-            return [_entry(row) for row in rows]
+            return await keys.entries(conn, key_id)
 
-    async def _get(self, conn: AsyncConnection, key_id: str) -> KeyRecord:
-        row = (await conn.execute(sa.select(api_keys).where(api_keys.c.id == key_id))).first()
-        if row is None:
-            raise KeyNotFound(key_id)
-        return _record(row)
+    async def recent_ledger(self, key_id: str, limit: int = 100) -> list[LedgerEntry]:
+        """The key's ledger, most recent first."""
+        async with self.engine.connect() as conn:
+            return await keys.entries(conn, key_id, newest_first=True, limit=limit)
 
-    async def _post(self, conn: AsyncConnection, key_id: str, kind: LedgerKind, amount: int,
-                    reference: str | None) -> None:
-        """One ledger row and the same change to the balance, in the caller's transaction, so that
-        SUM(ledger.amount_micros) == balance_micros for every key that keeps a balance.
+    # -- credit holds
 
-        The balance moves by an in-place `balance + amount` (no read-modify-write), so concurrent
-        postings from several replicas cannot lose each other. Holds (holds.py) take money with
-        their own UPDATE that adds a `balance >= amount` condition, refusing overdrafts atomically.
+    async def hold(self, key_id: str, micros: int, reference: str | None = None) -> str:
+        """Take `micros` from the key's balance, or raise InsufficientCredit having taken nothing."""
+        async with self.engine.begin() as conn:
+            return await holds.take(conn, key_id, micros, reference)
+
+    async def settle(self, hold_id: str, captured_micros: int) -> bool:
+        """Capture `captured_micros` (at most the hold) and give the rest back; only the first
+        settle of a hold moves money, later ones return False."""
+        async with self.engine.begin() as conn:
+            return await holds.settle(conn, hold_id, captured_micros)
+
+    async def release(self, hold_id: str) -> bool:
+        """Give the whole hold back (a failed or cancelled request)."""
+        return await self.settle(hold_id, 0)
+
+    async def release_stale_holds(self, older_than_s: float) -> int:
+        """Release every hold still `held` that was placed more than `older_than_s` ago; the number.
+
+        Called when a gateway starts, to undo holds left by a crash: the gateway passes
+        `server.request_timeout_s` + a grace period, after which no request or task can still be
+        running on any replica (tasks run under the same deadline). A task's hold is usually
+        released sooner, by the sweep that fails its lapsed lease; settling twice moves money once.
         """
-        done = await conn.execute(api_keys.update()
-                                  .where(api_keys.c.id == key_id, api_keys.c.balance_micros.is_not(None))
-                                  .values(balance_micros=api_keys.c.balance_micros + amount))
-        if done.rowcount != 1:
-            await self._get(conn, key_id)  # raises KeyNotFound when that is the reason
-            raise StateError(f"API key '{key_id}' is unlimited (it keeps no balance); "
-                             "make a key with credits to meter it")
-        await conn.execute(ledger.insert().values(key_id=key_id, at=time.time(), kind=kind,
-                                                  amount_micros=amount, reference=reference))
+        async with self.engine.connect() as conn:
+            stale = await holds.placed_before(conn, time.time() - older_than_s)
+        released = 0
+        for hold_id in stale:
+            try:  # one hold that cannot be settled must not keep the others from it
+                released += await self.release(hold_id)
+            except Exception:
+                log.exception("could not release stale hold %s", hold_id)
+        return released
+
+    async def held(self, key_id: str) -> list[str]:
+        """The ids of the key's holds not settled yet."""
+        async with self.engine.connect() as conn:
+            return await holds.held(conn, key_id)
+
+    # -- per-key limits
+
+    async def count_request(self, key_id: str, rpm: int) -> int | None:
+        """One request in the key's clock minute: None when allowed, else seconds to wait."""
+        return await limits.count_request(self.engine, key_id, rpm)
+
+    async def acquire_slot(self, key_id: str, limit: int, ttl_s: float) -> str | None:
+        """A concurrency slot on the key, or None when `limit` are taken."""
+        async with self.engine.begin() as conn:
+            return await limits.acquire_slot(conn, key_id, limit, ttl_s)
+
+    async def release_slot(self, slot_id: str) -> None:
+        async with self.engine.begin() as conn:
+            await limits.release_slot(conn, slot_id)
+
+    async def extend_slot(self, slot_id: str, ttl_s: float) -> None:
+        async with self.engine.begin() as conn:
+            await limits.extend_slot(conn, slot_id, ttl_s)
+
+    # -- Idempotency-Key records
+
+    async def claim_idempotency(self, scope: str, key: str, fingerprint: str, owner: str,
+                                lease_s: float, ttl_s: float) -> Claim:
+        return await replays.claim(self.engine, scope, key, fingerprint, owner, lease_s, ttl_s)
+
+    async def complete_idempotency(self, scope: str, key: str, owner: str, response: Replay) -> None:
+        async with self.engine.begin() as conn:
+            await replays.complete(conn, scope, key, owner, response)
+
+    async def abandon_idempotency(self, scope: str, key: str, owner: str) -> None:
+        """The first try failed: forget it, so that a retry with the same key runs again."""
+        async with self.engine.begin() as conn:
+            await replays.abandon(conn, scope, key, owner)
+
+    async def delete_expired_idempotency(self) -> int:
+        async with self.engine.begin() as conn:
+            return await replays.delete_expired(conn)
+
+    # -- async tasks
+
+    async def create_task(self, *, task_id: str, key_id: str | None, model: str, operation: str,
+                          response_format: str, hold_id: str | None, slot_id: str | None,
+                          billing: dict[str, Any], ttl_s: float, owner: str, lease_s: float) -> TaskRecord:
+        async with self.engine.begin() as conn:
+            return await tasks.create(conn, task_id=task_id, key_id=key_id, model=model, operation=operation,
+                                      response_format=response_format, hold_id=hold_id, slot_id=slot_id,
+                                      billing=billing, ttl_s=ttl_s, owner=owner, lease_s=lease_s)
+
+    async def get_task(self, task_id: str) -> TaskRecord | None:
+        async with self.engine.connect() as conn:
+            return await tasks.get(conn, task_id)
+
+    async def start_task(self, task_id: str, owner: str) -> bool:
+        """queued → running; False when it was cancelled (or taken) meanwhile."""
+        async with self.engine.begin() as conn:
+            return await tasks.start(conn, task_id, owner)
+
+    async def task_progress(self, task_id: str, progress: float) -> None:
+        async with self.engine.begin() as conn:
+            await tasks.progress(conn, task_id, progress)
+
+    async def finish_task(self, task_id: str, status: str, *, result: dict[str, Any] | None = None,
+                          error: dict[str, Any] | None = None, captured_micros: int = 0,
+                          owner: str | None = None, lapsed_before: float | None = None,
+                          billing: dict[str, Any] | None = None) -> bool:
+        """End an active task, settling its hold and freeing its slot in the same transaction."""
+        async with self.engine.begin() as conn:
+            return await tasks.finish(conn, task_id, status, result=result, error=error,
+                                      captured_micros=captured_micros, owner=owner,
+                                      lapsed_before=lapsed_before, billing=billing)
+
+    async def renew_leases(self, owner: str, task_ids: set[str], lease_s: float) -> set[str]:
+        """Extend this replica's running tasks' leases; the ones still active."""
+        async with self.engine.begin() as conn:
+            return await tasks.renew(conn, owner, task_ids, lease_s)
+
+    async def fail_abandoned_tasks(self) -> list[str]:
+        """Fail (and refund) every active task whose lease lapsed: its replica is gone."""
+        now = time.time()
+        async with self.engine.connect() as conn:
+            lapsed = await tasks.lapsed(conn, now)
+        failed = []
+        for task_id in lapsed:
+            try:  # one task that cannot be ended must not keep the others from it
+                if await self.finish_task(task_id, "failed", error=tasks.ABANDONED, lapsed_before=now):
+                    failed.append(task_id)
+            except Exception:
+                log.exception("could not fail abandoned task %s", task_id)
+        return failed
+
+    async def delete_expired_tasks(self) -> int:
+        """Forget finished tasks past their TTL (their artifacts expire on their own)."""
+        async with self.engine.begin() as conn:
+            return await tasks.delete_expired(conn)
 
 
 def _migrate(conn: Connection) -> None:

@@ -1,4 +1,5 @@
-"""Async tasks in the store, claimed by a replica through a lease. Mixed into `Store`.
+"""Async tasks in the store, claimed by a replica through a lease: plain functions over a
+connection, in the caller's transaction.
 
 A task row is written when the task is accepted (with its hold and concurrency slot already
 taken), renewed by its replica while it runs, and ended by exactly one conditional UPDATE:
@@ -9,18 +10,18 @@ So a task's money moves once, whichever replica gets there first.
 
 from __future__ import annotations
 
-import logging
 import time
 from typing import Any
 
 import orjson
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection
 
+from . import holds
+from .limits import release_slot
 from .records import ACTIVE, TaskRecord
-from .schema import slots, tasks
+from .schema import tasks
 
-log = logging.getLogger("imagegate.state")
 ABANDONED = {"message": "the gateway running this task stopped before it finished; its credit hold "
                         "was released", "type": "server_error", "param": None, "code": "task_abandoned"}
 
@@ -40,106 +41,88 @@ def _task(row: sa.Row[Any]) -> TaskRecord:
                       finished_at=row.finished_at, expires_at=row.expires_at, lease_owner=row.lease_owner)
 
 
-class TasksMixin:
-    engine: AsyncEngine
+async def create(conn: AsyncConnection, *, task_id: str, key_id: str | None, model: str, operation: str,
+                 response_format: str, hold_id: str | None, slot_id: str | None, billing: dict[str, Any],
+                 ttl_s: float, owner: str, lease_s: float) -> TaskRecord:
+    now = time.time()
+    await conn.execute(tasks.insert().values(
+        id=task_id, key_id=key_id, status="queued", progress=0.0, model=model, operation=operation,
+        response_format=response_format, hold_id=hold_id, slot_id=slot_id, billing=_json(billing),
+        result=None, error=None, created_at=now, started_at=None, finished_at=None,
+        expires_at=now + ttl_s, lease_owner=owner, lease_until=now + lease_s))
+    found = await get(conn, task_id)
+    assert found is not None
+    return found
 
-    async def _settle(self, conn: AsyncConnection, hold_id: str, captured_micros: int) -> bool: ...
 
-    async def create_task(self, *, task_id: str, key_id: str | None, model: str, operation: str,
-                          response_format: str, hold_id: str | None, slot_id: str | None,
-                          billing: dict[str, Any], ttl_s: float, owner: str, lease_s: float) -> TaskRecord:
-        now = time.time()
-        async with self.engine.begin() as conn:
-            await conn.execute(tasks.insert().values(
-                id=task_id, key_id=key_id, status="queued", progress=0.0, model=model, operation=operation,
-                response_format=response_format, hold_id=hold_id, slot_id=slot_id, billing=_json(billing),
-                result=None, error=None, created_at=now, started_at=None, finished_at=None,
-                expires_at=now + ttl_s, lease_owner=owner, lease_until=now + lease_s))
-            row = (await conn.execute(sa.select(tasks).where(tasks.c.id == task_id))).one()
-        return _task(row)
+async def get(conn: AsyncConnection, task_id: str) -> TaskRecord | None:
+    row = (await conn.execute(sa.select(tasks).where(tasks.c.id == task_id))).first()
+    return _task(row) if row is not None else None
 
-    async def get_task(self, task_id: str) -> TaskRecord | None:
-        async with self.engine.connect() as conn:
-            row = (await conn.execute(sa.select(tasks).where(tasks.c.id == task_id))).first()
-        return _task(row) if row is not None else None
 
-    async def start_task(self, task_id: str, owner: str) -> bool:
-        """queued → running; False when it was cancelled (or taken) meanwhile."""
-        async with self.engine.begin() as conn:
-            done = await conn.execute(tasks.update()
-                                      .where(tasks.c.id == task_id, tasks.c.status == "queued",
-                                             tasks.c.lease_owner == owner)
-                                      .values(status="running", started_at=time.time()))
-        return done.rowcount == 1
+async def start(conn: AsyncConnection, task_id: str, owner: str) -> bool:
+    """queued → running; False when it was cancelled (or taken) meanwhile."""
+    done = await conn.execute(tasks.update()
+                              .where(tasks.c.id == task_id, tasks.c.status == "queued", tasks.c.lease_owner == owner)
+                              .values(status="running", started_at=time.time()))
+    return done.rowcount == 1
 
-    async def task_progress(self, task_id: str, progress: float) -> None:
-        async with self.engine.begin() as conn:
-            await conn.execute(tasks.update().where(tasks.c.id == task_id, tasks.c.status == "running")
-                               .values(progress=max(0.0, min(1.0, progress))))
 
-    async def finish_task(self, task_id: str, status: str, *, result: dict[str, Any] | None = None,
-                          error: dict[str, Any] | None = None, captured_micros: int = 0,
-                          owner: str | None = None, lapsed_before: float | None = None,
-                          billing: dict[str, Any] | None = None) -> bool:
-        """End an active task: its status, result or error, hold settled and slot freed, at once.
+async def progress(conn: AsyncConnection, task_id: str, done: float) -> None:
+    await conn.execute(tasks.update().where(tasks.c.id == task_id, tasks.c.status == "running")
+                       .values(progress=max(0.0, min(1.0, done))))
 
-        `owner`: only if this replica still holds it. `lapsed_before`: only if its lease lapsed before
-        then (the sweeper). False when someone else ended it first; then nothing moved here.
-        """
-        conditions = [tasks.c.id == task_id, tasks.c.status.in_(ACTIVE)]
-        if owner is not None:
-            conditions.append(tasks.c.lease_owner == owner)
-        if lapsed_before is not None:
-            conditions.append(tasks.c.lease_until < lapsed_before)
-        values: dict[str, Any] = {"status": status, "finished_at": time.time(), "result": _json(result),
-                                  "error": _json(error), "lease_until": None}
-        if status == "succeeded":
-            values["progress"] = 1.0
-        if billing is not None:
-            values["billing"] = _json(billing)
-        async with self.engine.begin() as conn:
-            flipped = await conn.execute(tasks.update().where(*conditions).values(**values))
-            if flipped.rowcount != 1:
-                return False
-            row = (await conn.execute(sa.select(tasks.c.hold_id, tasks.c.slot_id)
-                                      .where(tasks.c.id == task_id))).one()
-            if row.hold_id is not None:
-                await self._settle(conn, row.hold_id, captured_micros if status == "succeeded" else 0)
-            if row.slot_id is not None:
-                await conn.execute(slots.delete().where(slots.c.id == row.slot_id))
-        return True
 
-    async def renew_leases(self, owner: str, task_ids: set[str], lease_s: float) -> set[str]:
-        """Extend the leases of the tasks this replica is running now, and return those still active
-        (the others were cancelled or swept elsewhere: the replica stops running them). A row of ours
-        that no coroutine runs any more (its end could not be written) is not renewed: it lapses and
-        a sweep fails it and releases its hold."""
-        if not task_ids:
-            return set()
-        mine = (tasks.c.id.in_(sorted(task_ids)), tasks.c.lease_owner == owner, tasks.c.status.in_(ACTIVE))
-        async with self.engine.begin() as conn:
-            await conn.execute(tasks.update().where(*mine).values(lease_until=time.time() + lease_s))
-            rows = await conn.execute(sa.select(tasks.c.id).where(*mine))
-            return {row.id for row in rows}
+async def finish(conn: AsyncConnection, task_id: str, status: str, *, result: dict[str, Any] | None = None,
+                 error: dict[str, Any] | None = None, captured_micros: int = 0, owner: str | None = None,
+                 lapsed_before: float | None = None, billing: dict[str, Any] | None = None) -> bool:
+    """End an active task: its status, result or error, hold settled and slot freed, at once.
 
-    async def fail_abandoned_tasks(self) -> list[str]:
-        """Fail (and refund) every active task whose lease lapsed: its replica is gone."""
-        now = time.time()
-        async with self.engine.connect() as conn:
-            rows = await conn.execute(sa.select(tasks.c.id)
-                                      .where(tasks.c.status.in_(ACTIVE), tasks.c.lease_until < now))
-            failed = []
-        for task_id in [row.id for row in rows]:
-            try:  # one task that cannot be ended must not keep the others from it
-                if await self.finish_task(task_id, "failed", error=ABANDONED, lapsed_before=now):
-                    failed.append(task_id)
-            except Exception:
-                log.exception("could not fail abandoned task %s", task_id)
-        return failed
+    `owner`: only if this replica still holds it. `lapsed_before`: only if its lease lapsed before
+    then (the sweeper). False when someone else ended it first; then nothing moved here.
+    """
+    conditions = [tasks.c.id == task_id, tasks.c.status.in_(ACTIVE)]
+    if owner is not None:
+        conditions.append(tasks.c.lease_owner == owner)
+    if lapsed_before is not None:
+        conditions.append(tasks.c.lease_until < lapsed_before)
+    values: dict[str, Any] = {"status": status, "finished_at": time.time(), "result": _json(result),
+                              "error": _json(error), "lease_until": None}
+    if status == "succeeded":
+        values["progress"] = 1.0
+    if billing is not None:
+        values["billing"] = _json(billing)
+    flipped = await conn.execute(tasks.update().where(*conditions).values(**values))
+    if flipped.rowcount != 1:
+        return False
+    row = (await conn.execute(sa.select(tasks.c.hold_id, tasks.c.slot_id).where(tasks.c.id == task_id))).one()
+    if row.hold_id is not None:
+        await holds.settle(conn, row.hold_id, captured_micros if status == "succeeded" else 0)
+    if row.slot_id is not None:
+        await release_slot(conn, row.slot_id)
+    return True
 
-    async def delete_expired_tasks(self) -> int:
-        """Forget finished tasks past their TTL (their artifacts expire on their own)."""
-        async with self.engine.begin() as conn:
-            gone = await conn.execute(tasks.delete().where(tasks.c.expires_at < time.time(),
-                                                           tasks.c.status.not_in(ACTIVE)))
-        return gone.rowcount
+
+async def renew(conn: AsyncConnection, owner: str, task_ids: set[str], lease_s: float) -> set[str]:
+    """Extend the leases of the tasks this replica is running now, and return those still active
+    (the others were cancelled or swept elsewhere: the replica stops running them). A row of ours
+    that no coroutine runs any more (its end could not be written) is not renewed: it lapses and
+    a sweep fails it and releases its hold."""
+    if not task_ids:
+        return set()
+    mine = (tasks.c.id.in_(sorted(task_ids)), tasks.c.lease_owner == owner, tasks.c.status.in_(ACTIVE))
+    await conn.execute(tasks.update().where(*mine).values(lease_until=time.time() + lease_s))
+    rows = await conn.execute(sa.select(tasks.c.id).where(*mine))
+    return {row.id for row in rows}
+
+
+async def lapsed(conn: AsyncConnection, now: float) -> list[str]:
+    """Active tasks whose lease lapsed before `now`: their replica is gone."""
+    rows = await conn.execute(sa.select(tasks.c.id).where(tasks.c.status.in_(ACTIVE), tasks.c.lease_until < now))
+    return [row.id for row in rows]
+
+
+async def delete_expired(conn: AsyncConnection) -> int:
+    """Forget finished tasks past their TTL (their artifacts expire on their own)."""
+    gone = await conn.execute(tasks.delete().where(tasks.c.expires_at < time.time(), tasks.c.status.not_in(ACTIVE)))
+    return gone.rowcount

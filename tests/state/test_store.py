@@ -9,9 +9,9 @@ from typing import TypeVar
 import pytest
 import sqlalchemy as sa
 
-from router import state
-from router.state import schema
-from router.state.store import Store
+from imagegate.router import state
+from imagegate.router.state import schema
+from imagegate.router.state.store import Store
 from tests.state.conftest import Backend
 
 T = TypeVar("T")
@@ -102,7 +102,7 @@ def test_secret_is_stored_only_hashed(backend: Backend) -> None:
 
     secret, dump = run(backend, work)
     assert dump and not any(secret in row or secret[8:] in row for row in dump)
-    assert any(state.store.hash_secret(secret) in row for row in dump)
+    assert any(state.keygen.hash_secret(secret) in row for row in dump)
 
 
 def test_money_is_exact() -> None:
