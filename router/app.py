@@ -1,4 +1,5 @@
-"""The Starlette application."""
+"""The Starlette application: the one route table, the middleware, and the lifespan that opens the
+services (router/services.py) and closes them."""
 
 from __future__ import annotations
 
@@ -15,70 +16,69 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.routing import Route
 
-from . import admin, api, billing, images, tasks
-from .auth import AuthMiddleware
 from .config import Config, load
-from .errors import ApiError, api_error_handler, http_error_handler
-from .gateway import Gateway
+from .errors import ApiError
+from .http import admin, health, openai_images, openai_resources, task_views
+from .http.auth import AuthMiddleware
+from .http.middleware import GatewayMiddleware
+from .http.responses import api_error_handler, http_error_handler
 from .metrics import Metrics
-from .middleware import GatewayMiddleware
+from .pipeline.drain import Drain
+from .services import open_services
+
+ROUTES = [
+    Route("/v1/images/generations", openai_images.generations, methods=["POST"]),
+    Route("/v1/images/edits", openai_images.edits, methods=["POST"]),
+    Route("/v1/models", openai_resources.list_models, methods=["GET"]),
+    Route("/v1/models/{model_id:path}", openai_resources.get_model, methods=["GET"]),
+    Route("/v1/usage", openai_resources.usage, methods=["GET"]),
+    Route("/v1/uploads", openai_resources.upload, methods=["POST"]),
+    Route("/v1/artifacts/{artifact_id}/content", openai_resources.artifact_content, methods=["GET"]),
+    Route("/v1/tasks/{task_id}", task_views.get_task, methods=["GET"]),
+    Route("/v1/tasks/{task_id}/cancel", task_views.cancel_task, methods=["POST"]),
+    Route("/healthz", health.healthz, methods=["GET"]),
+    Route("/readyz", health.readyz, methods=["GET"]),
+    Route("/metrics", health.metrics, methods=["GET"]),
+    Route("/admin/providers", admin.provider_health, methods=["GET"]),
+    Route("/admin/keys", admin.create_key, methods=["POST"]),
+    Route("/admin/keys", admin.list_keys, methods=["GET"]),
+    Route("/admin/keys/{key_id}/revoke", admin.revoke_key, methods=["POST"]),
+    Route("/admin/keys/{key_id}/topup", admin.topup_key, methods=["POST"]),
+]
 
 
 def create_app(cfg: Config) -> Starlette:
-    gateway = Gateway(cfg)
-    gateway.tasks = tasks.TaskRunner(gateway)
+    metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        await gateway.start()
-        await gateway.tasks.start()  # sweeps leases that lapsed while no replica was up
-        _drain_on_sigterm(gateway)
-        try:
+        async with open_services(cfg, metrics) as services:
+            app.state.gateway = services  # what router/http/context.py hands to handlers
+            _drain_on_sigterm(services.pipeline.drain)
             yield
-        finally:
-            await gateway.tasks.stop()  # tasks still running fail and refund, before the store closes
-            await gateway.stop()
-            Metrics.process_exit()
+        Metrics.process_exit()
 
-    routes = [
-        Route("/v1/images/generations", images.generations, methods=["POST"]),
-        Route("/v1/images/edits", images.edits, methods=["POST"]),
-        Route("/v1/models", api.list_models, methods=["GET"]),
-        Route("/v1/models/{model_id:path}", api.get_model, methods=["GET"]),
-        Route("/v1/usage", billing.usage, methods=["GET"]),
-        Route("/v1/uploads", api.upload, methods=["POST"]),
-        Route("/v1/tasks/{task_id}", tasks.get_task, methods=["GET"]),
-        Route("/v1/tasks/{task_id}/cancel", tasks.cancel_task, methods=["POST"]),
-        Route("/v1/artifacts/{artifact_id}/content", api.artifact_content, methods=["GET"]),
-        Route("/healthz", api.healthz, methods=["GET"]),
-        Route("/readyz", api.readyz, methods=["GET"]),
-        Route("/metrics", api.metrics, methods=["GET"]),
-        Route("/admin/providers", api.provider_health, methods=["GET"]),
-        *admin.routes(),
-    ]
     max_body = int(cfg.server.max_body_mb * 1024 * 1024)
-    metrics = gateway.metrics if cfg.metrics.enabled else None
-    app = Starlette(
-        routes=routes,
+    return Starlette(
+        routes=ROUTES,
         # Outermost first: the request id and body limit wrap the key check, so its 401s carry the id.
-        middleware=[Middleware(GatewayMiddleware, max_body=max_body, metrics=metrics), Middleware(AuthMiddleware)],
+        middleware=[Middleware(GatewayMiddleware, max_body=max_body, metrics=metrics if cfg.metrics.enabled else None),
+                    Middleware(AuthMiddleware)],
         exception_handlers={ApiError: api_error_handler, HTTPException: http_error_handler},
         lifespan=lifespan,
     )
-    app.state.gateway = gateway
-    return app
 
 
-def _drain_on_sigterm(gateway: Gateway) -> None:
+def _drain_on_sigterm(drain: Drain) -> None:
     """Chain onto the server's SIGTERM handler (uvicorn's stops accepting and waits for open
-    requests) so the gateway also starts draining: see `Gateway.drain`."""
+    requests) so the gateway also starts draining: see `Drain.start`."""
     if threading.current_thread() is not threading.main_thread():
         return  # an app served from a thread (tests): signals are not ours to take
     loop = asyncio.get_running_loop()
     previous = signal.getsignal(signal.SIGTERM)
 
     def handler(signum: int, frame: FrameType | None) -> None:
-        asyncio.run_coroutine_threadsafe(gateway.drain(), loop)  # a task: anyio needs one
+        asyncio.run_coroutine_threadsafe(drain.start(), loop)  # a task: anyio needs one
         if callable(previous):
             previous(signum, frame)
 

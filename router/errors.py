@@ -1,11 +1,10 @@
-"""OpenAI-shaped errors: `{"error": {"message", "type", "param", "code"}}`, never a stack trace."""
+"""The gateway's one error type. Every layer raises `ApiError`; each HTTP surface renders it in
+its own shape (the OpenAI one, `{"error": {"message", "type", "param", "code"}}`, is `body()`),
+never with a stack trace."""
 
 from __future__ import annotations
 
 import orjson
-from starlette.exceptions import HTTPException
-from starlette.requests import Request
-from starlette.responses import Response
 
 from imagegate.providers.base import UpstreamError
 
@@ -38,24 +37,9 @@ class ApiError(Exception):
     def body(self) -> bytes:
         return orjson.dumps({"error": self.payload()})
 
-    def response(self) -> Response:
-        return Response(self.body(), status_code=self.status, headers=self.headers, media_type="application/json")
-
 
 def invalid(message: str, param: str | None = None, code: str = "invalid_value") -> ApiError:
     return ApiError(400, message, param=param, code=code)
-
-
-async def api_error_handler(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, ApiError)
-    return exc.response()
-
-
-async def http_error_handler(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, HTTPException)
-    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-    # Keep Starlette's headers: a 405 must say which methods are allowed (`Allow`).
-    return ApiError(exc.status_code, str(exc.detail), code=code, headers=dict(exc.headers or {})).response()
 
 
 def internal_error() -> ApiError:

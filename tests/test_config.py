@@ -20,7 +20,7 @@ import yaml
 from openai import OpenAI
 
 from imagegate.router.config import DEFAULT_CONFIG, Config, ConfigError, load, load_text
-from imagegate.router.output import Price
+from imagegate.router.pipeline import Price
 from tests.conftest import decode, free_port, wait_until_healthy
 
 REPO = Path(__file__).resolve().parent.parent

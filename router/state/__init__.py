@@ -1,7 +1,7 @@
 """The state store: API keys, their credit ledger and holds, async tasks, idempotency records and
 per-key limits, behind one async interface (SQLite or PostgreSQL)."""
 
-from .money import format_usd, usd_to_micros
+from ..money import format_usd, usd_to_micros
 from .records import InsufficientCredit, KeyNotFound, KeyRecord, LedgerEntry, Replay, StateError, TaskRecord
 from .replays import Claim
 from .store import Store, open_store

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .money import format_usd
+from ..money import format_usd
 
 LedgerKind = Literal["topup", "hold", "capture", "release", "adjust"]
 

@@ -17,16 +17,16 @@ import anyio
 from imagegate.providers.base import ImageRequest, Provider, ProviderResult, UpstreamError
 
 from .attempts import RouteCaller, Trail
-from .config import Config, ModelConfig, RetryConfig
-from .errors import ApiError
-from .metrics import Metrics
-from .resilience import CircuitBreaker, Health, Latency, Limiter, QueueFull
+from ..config import Config, ModelConfig, RetryConfig
+from ..errors import ApiError
+from ..metrics import Metrics
+from .resilience import CircuitBreaker, Health, Latency, Limiter, LimiterFull
 
 log = logging.getLogger("imagegate")
 
 
 @dataclass(slots=True)
-class Route:
+class ModelRoute:
     model_id: str
     index: int
     provider: Provider
@@ -40,7 +40,7 @@ class Route:
 @dataclass(slots=True)
 class Served:
     result: ProviderResult
-    route: Route
+    route: ModelRoute
 
 
 def _health(provider: Provider, metrics: Metrics) -> Health:
@@ -58,7 +58,7 @@ def _health(provider: Provider, metrics: Metrics) -> Health:
     return Health(breaker, limiter)
 
 
-class Router:
+class ModelRouter:
     """Knows every model, alias and route; providers that are disabled have no routes."""
 
     def __init__(self, cfg: Config, providers: dict[str, Provider], metrics: Metrics) -> None:
@@ -66,12 +66,12 @@ class Router:
         self.health = {name: _health(p, metrics) for name, p in providers.items()}
         self.callers = {name: RouteCaller(p, self.health[name], metrics) for name, p in providers.items()}
         self.names: dict[str, str] = {}
-        self.routes: dict[str, list[Route]] = {}
+        self.routes: dict[str, list[ModelRoute]] = {}
         for model_id, model in cfg.models.items():
             for name in [model_id, *model.aliases]:
                 self.names[name] = model_id
             self.routes[model_id] = [
-                Route(model_id, i, providers[r.provider], r.model, r.options, r.retry, r.cost_per_mp)
+                ModelRoute(model_id, i, providers[r.provider], r.model, r.options, r.retry, r.cost_per_mp)
                 for i, r in enumerate(model.routes) if r.provider in providers
             ]
 
@@ -97,10 +97,10 @@ class Router:
             return set(declared)
         return set().union(*(r.provider.capabilities for r in self.routes[model_id])) or {"generate"}
 
-    def eligible(self, model_id: str, needs: set[str]) -> list[Route]:
+    def eligible(self, model_id: str, needs: set[str]) -> list[ModelRoute]:
         return [r for r in self.routes[model_id] if needs <= r.provider.capabilities]
 
-    def available(self, model_id: str, request: ImageRequest, needs: set[str]) -> list[Route]:
+    def available(self, model_id: str, request: ImageRequest, needs: set[str]) -> list[ModelRoute]:
         """Routes that could serve this very request now: capable, willing, circuit not open."""
         return [r for r in self.eligible(model_id, needs)
                 if self.health[r.provider.name].breaker.available()
@@ -113,7 +113,7 @@ class Router:
                            param="model", code="unsupported_capability")
 
     @staticmethod
-    def routed(route: Route, request: ImageRequest) -> ImageRequest:
+    def routed(route: ModelRoute, request: ImageRequest) -> ImageRequest:
         return replace(request, upstream_model=route.upstream_model, route_options=route.options)
 
     async def serve(self, model_id: str, request: ImageRequest, needs: set[str], trail: Trail,
@@ -131,7 +131,7 @@ class Router:
         last: UpstreamError | None = None
         skipped: dict[str, list[str]] = {"unsupported": [], "circuit": [], "busy": []}
         retry_after: list[float] = []
-        tried: Route | None = None
+        tried: ModelRoute | None = None
         for route in routes:
             name, routed = route.provider.name, self.routed(route, request)
             if reason := route.provider.unsupported(routed):
@@ -147,7 +147,7 @@ class Router:
             try:
                 result = await self.callers[name].call(routed, route.retry, route.latency, trail, deadline)
                 return Served(result, route)
-            except QueueFull as exc:
+            except LimiterFull as exc:
                 self._skip(name, "queue_full", skipped["busy"], retry_after, exc.retry_after)
             except UpstreamError as exc:
                 log.warning("model %s route %d (%s) failed: %s", model_id, route.index, name, exc.code)

@@ -9,10 +9,11 @@ import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import ApiError, internal_error
+from ..errors import ApiError, internal_error
+from ..metrics import Metrics
+from .responses import error_response
 
 log = logging.getLogger("imagegate")
-from .metrics import Metrics
 
 _SANE_ID = re.compile(rb"^[A-Za-z0-9._:\-]{1,128}$")
 
@@ -44,14 +45,14 @@ class GatewayMiddleware:
         declared = dict(scope["headers"]).get(b"content-length", b"")
         try:
             if declared.isdigit() and int(declared) > self.max_body:
-                await _too_large(self.max_body).response()(scope, receive, send_with_id)
+                await error_response(_too_large(self.max_body))(scope, receive, send_with_id)
             else:
                 await self.app(scope, self._limited(receive), send_with_id)
         except Exception:
             # Last resort: log the trace, answer an OpenAI-shaped 500 that carries the request id.
             log.exception("unhandled error (request %s)", state["request_id"])
             if not response_started:
-                await internal_error().response()(scope, receive, send_with_id)
+                await error_response(internal_error())(scope, receive, send_with_id)
         if self.metrics is not None:
             endpoint = state.get("endpoint")
             if endpoint:

@@ -18,13 +18,13 @@ import orjson
 import pybase64
 from starlette.responses import StreamingResponse
 
-from imagegate.providers.base import GeneratedImage, ImageRequest
+from imagegate.providers.base import ImageRequest
 
-from .errors import ApiError, internal_error
-from .output import Finished
+from ..errors import ApiError, internal_error
+from ..pipeline import DeliveredImage, Generation, image_item
 
 log = logging.getLogger("imagegate")
-Produce = Callable[[], Awaitable[tuple[list[Finished], list[GeneratedImage]]]]
+Produce = Callable[[], Awaitable[Generation]]
 _USAGE = {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0,
           "input_tokens_details": {"image_tokens": 0, "text_tokens": 0}}
 
@@ -37,10 +37,10 @@ def _common(req: ImageRequest, created: int) -> dict[str, Any]:
     return {"created_at": created, "quality": req.quality or "auto", "background": req.background or "auto"}
 
 
-def _completed(kind: str, done: Finished, image: GeneratedImage, req: ImageRequest, created: int) -> bytes:
-    return _sse({"type": f"{kind}.completed", "b64_json": done.b64, **_common(req, created),
-                 "output_format": done.info.format, "size": f"{done.info.width}x{done.info.height}",
-                 "seed": image.seed, "usage": _USAGE})
+def _completed(kind: str, image: DeliveredImage, req: ImageRequest, created: int) -> bytes:
+    return _sse({"type": f"{kind}.completed", **image_item(image, b64_json=image.b64), **_common(req, created),
+                 "output_format": image.info.format, "size": f"{image.info.width}x{image.info.height}",
+                 "usage": _USAGE})
 
 
 def _partial(kind: str, index: int, png: bytes, req: ImageRequest, created: int) -> bytes:
@@ -49,33 +49,35 @@ def _partial(kind: str, index: int, png: bytes, req: ImageRequest, created: int)
 
 
 def _error(exc: ApiError) -> bytes:
-    return _sse({"type": "error", "error": orjson.loads(exc.body())["error"]})
+    return _sse({"type": "error", "error": exc.payload()})
 
 
 def _response(events: AsyncIterator[bytes], headers: dict[str, str]) -> StreamingResponse:
     return StreamingResponse(events, media_type="text/event-stream", headers={**headers, "cache-control": "no-cache"})
 
 
-def completed_stream(operation: str, finished: list[Finished], images: list[GeneratedImage], req: ImageRequest,
-                     headers: dict[str, str]) -> StreamingResponse:
-    kind = "image_generation" if operation == "generate" else "image_edit"
-    created = int(time.time())
+def _kind(req: ImageRequest) -> str:
+    return "image_generation" if req.operation == "generate" else "image_edit"
+
+
+def completed_stream(generation: Generation, headers: dict[str, str]) -> StreamingResponse:
+    req = generation.prepared.request
+    kind, created = _kind(req), int(time.time())
 
     async def events() -> AsyncIterator[bytes]:
-        for done, image in zip(finished, images):
-            yield _completed(kind, done, image, req, created)
+        for image in generation.images:
+            yield _completed(kind, image, req, created)
 
     return _response(events(), headers)
 
 
-def live_stream(operation: str, req: ImageRequest, headers: dict[str, str], produce: Produce) -> StreamingResponse:
+def live_stream(req: ImageRequest, headers: dict[str, str], produce: Produce) -> StreamingResponse:
     """Run `produce` while streaming the previews it reports; then the completed images, or an error.
 
     The generation runs inside the response: a client that disconnects cancels it (Starlette stops
     the iterator), and the provider's cancellation stops the GPU at the next step.
     """
-    kind = "image_generation" if operation == "generate" else "image_edit"
-    created = int(time.time())
+    kind, created = _kind(req), int(time.time())
     send, receive = anyio.create_memory_object_stream[bytes](max_buffer_size=16)
 
     def on_partial(index: int, png: bytes) -> None:
@@ -89,7 +91,7 @@ def live_stream(operation: str, req: ImageRequest, headers: dict[str, str], prod
     async def run() -> None:
         async with send:
             try:
-                finished, images = await produce()
+                generation = await produce()
             except ApiError as exc:
                 await send.send(_error(exc))
                 return
@@ -97,8 +99,8 @@ def live_stream(operation: str, req: ImageRequest, headers: dict[str, str], prod
                 log.exception("streamed generation failed")
                 await send.send(_error(internal_error()))
                 return
-            for done, image in zip(finished, images):
-                await send.send(_completed(kind, done, image, req, created))
+            for image in generation.images:
+                await send.send(_completed(kind, image, req, created))
 
     async def events() -> AsyncIterator[bytes]:
         async with anyio.create_task_group() as tg, receive:

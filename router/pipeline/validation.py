@@ -8,22 +8,17 @@ from __future__ import annotations
 import math
 import re
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from imagegate.providers.base import ImageRequest, InputImage
+from imagegate.providers.base import ImageRequest
 
-from .config import ModelConfig, parse_size
-from .errors import ApiError, invalid
-from .schemas import GenerationBody
+from ..config import ModelConfig, parse_size
+from ..errors import ApiError, invalid
+from .asks import ImageAsk, Inputs
+from .pricing import Price
 
 STEPS_MIN, STEPS_MAX = 1, 60
 _RATIO = re.compile(r"^(\d{1,4}):(\d{1,4})$")
-
-
-@dataclass(slots=True)
-class Inputs:
-    images: list[InputImage] = field(default_factory=list)
-    mask: InputImage | None = None
 
 
 @dataclass(slots=True)
@@ -36,11 +31,11 @@ class Prepared:
     response_format: str
     stream: bool
     partial_images: int
+    price: Price  # of the whole request as asked: what is held before it runs
 
 
-def check_extra_fields(body: GenerationBody, model: ModelConfig) -> dict[str, object]:
-    extra = dict(body.model_extra or {})
-    extra = {k: v for k, v in extra.items() if v is not None}
+def check_extra_fields(ask: ImageAsk, model: ModelConfig) -> dict[str, object]:
+    extra = {k: v for k, v in ask.extra.items() if v is not None}
     if extra and not model.allow_extra_fields:
         name = sorted(extra)[0]
         raise invalid(f"Unrecognized request argument supplied: {name}", param=name, code="unknown_parameter")
@@ -92,18 +87,18 @@ def _default_size(model: ModelConfig) -> tuple[int, int]:
     return size
 
 
-def resolve_size(body: GenerationBody, model: ModelConfig, inputs: Inputs) -> tuple[int, int]:
+def resolve_size(ask: ImageAsk, model: ModelConfig, inputs: Inputs) -> tuple[int, int]:
     default = _default_size(model)
-    if body.size and body.size != "auto":
-        if body.aspect_ratio:
+    if ask.size and ask.size != "auto":
+        if ask.aspect_ratio:
             raise invalid("give either size or aspect_ratio, not both", "aspect_ratio")
-        parsed = parse_size(body.size)
+        parsed = parse_size(ask.size)
         if parsed is None:
             raise invalid("size must be 'WIDTHxHEIGHT' (e.g. 1024x1024) or 'auto'", "size")
         _check_legal(*parsed, model, "size")
         return parsed
-    if body.aspect_ratio and body.aspect_ratio != "auto":
-        match = _RATIO.match(body.aspect_ratio)
+    if ask.aspect_ratio and ask.aspect_ratio != "auto":
+        match = _RATIO.match(ask.aspect_ratio)
         if not match or int(match[1]) == 0 or int(match[2]) == 0:
             raise invalid("aspect_ratio must look like '16:9'", "aspect_ratio")
         ratio = int(match[1]) / int(match[2])
@@ -118,19 +113,19 @@ def resolve_size(body: GenerationBody, model: ModelConfig, inputs: Inputs) -> tu
     return default
 
 
-def _output_format(body: GenerationBody) -> str:
-    fmt = "jpeg" if body.output_format == "jpg" else (body.output_format or "png")
-    if body.background == "transparent" and fmt == "jpeg":
+def _output_format(ask: ImageAsk) -> str:
+    fmt = "jpeg" if ask.output_format == "jpg" else (ask.output_format or "png")
+    if ask.background == "transparent" and fmt == "jpeg":
         raise invalid("a transparent background needs output_format png or webp", "background")
-    if fmt == "png" and body.output_compression not in (None, 100):
+    if fmt == "png" and ask.output_compression not in (None, 100):
         raise invalid("output_compression applies to jpeg and webp only", "output_compression")
     return fmt
 
 
-def _tuning(body: GenerationBody, model: ModelConfig) -> tuple[int | None, float | None]:
-    preset = model.quality.get(body.quality or "")
-    steps = body.steps if body.steps is not None else (preset and preset.steps) or model.defaults.steps
-    guidance = body.guidance_scale
+def _tuning(ask: ImageAsk, model: ModelConfig) -> tuple[int | None, float | None]:
+    preset = model.quality.get(ask.quality or "")
+    steps = ask.steps if ask.steps is not None else (preset and preset.steps) or model.defaults.steps
+    guidance = ask.guidance_scale
     if guidance is None:
         guidance = (preset and preset.guidance_scale) or model.defaults.guidance_scale
     if steps is not None:
@@ -138,51 +133,50 @@ def _tuning(body: GenerationBody, model: ModelConfig) -> tuple[int | None, float
     return steps, guidance
 
 
-def _needs(operation: str, body: GenerationBody, inputs: Inputs) -> set[str]:
+def _needs(operation: str, ask: ImageAsk, inputs: Inputs) -> set[str]:
     needs = {operation}
     if inputs.mask is not None:
         needs.add("inpaint")
     if len(inputs.images) > 1:
         needs.add("multi-reference")
-    if body.background == "transparent":
+    if ask.background == "transparent":
         needs.add("transparent")
     return needs
 
 
-def _check_prompt(body: GenerationBody) -> str:
-    if body.prompt is None:
+def _check_prompt(ask: ImageAsk) -> str:
+    if ask.prompt is None:
         raise invalid("prompt is required", "prompt", code="missing_required_parameter")
-    if not body.prompt.strip():
+    if not ask.prompt.strip():
         raise invalid("prompt must not be empty", "prompt")
-    return body.prompt
+    return ask.prompt
 
 
-def prepare(
-    body: GenerationBody, model_id: str, model: ModelConfig, operation: str, inputs: Inputs, extra: dict[str, object]
-) -> Prepared:
-    """Validate `body` against the model and build the normalized request."""
-    prompt = _check_prompt(body)
-    n = body.n or 1
+def prepare(ask: ImageAsk, model_id: str, model: ModelConfig, operation: str, inputs: Inputs) -> Prepared:
+    """Validate `ask` against the model and build the normalized request, priced."""
+    extra = check_extra_fields(ask, model)
+    prompt = _check_prompt(ask)
+    n = ask.n or 1
     if n > model.limits.max_n:
         raise invalid(f"n must be between 1 and {model.limits.max_n} for model '{model_id}'", "n")
     if operation == "edit" and not inputs.images:
         raise invalid("an edit needs at least one image", "image", code="missing_required_parameter")
-    width, height = resolve_size(body, model, inputs)
-    output_format = _output_format(body)
-    steps, guidance = _tuning(body, model)
-    strength = getattr(body, "strength", None)
+    width, height = resolve_size(ask, model, inputs)
+    output_format = _output_format(ask)
+    steps, guidance = _tuning(ask, model)
+    strength = ask.strength
     if operation == "edit" and strength is None:
         strength = model.defaults.strength if model.defaults.strength is not None else 0.75
     request = ImageRequest(
         operation=operation,  # type: ignore[arg-type]
         prompt=prompt, upstream_model="", width=width, height=height, n=n,
-        seed=body.seed if body.seed is not None else secrets.randbelow(2**32),
+        seed=ask.seed if ask.seed is not None else secrets.randbelow(2**32),
         steps=steps, guidance_scale=guidance,
-        negative_prompt=body.negative_prompt if body.negative_prompt is not None else model.defaults.negative_prompt,
-        quality=body.quality, output_format=output_format, output_compression=body.output_compression,
-        background=body.background, images=inputs.images, mask=inputs.mask, strength=strength,
-        hints=body.hints(), extra=extra, partial_images=(body.partial_images or 0) if body.stream else 0,
+        negative_prompt=ask.negative_prompt if ask.negative_prompt is not None else model.defaults.negative_prompt,
+        quality=ask.quality, output_format=output_format, output_compression=ask.output_compression,
+        background=ask.background, images=inputs.images, mask=inputs.mask, strength=strength,
+        hints=ask.hints, extra=extra, partial_images=ask.partial_images if ask.stream else 0,
     )
-    return Prepared(model_id=model_id, request=request, needs=_needs(operation, body, inputs),
-                    response_format=body.response_format or "b64_json", stream=bool(body.stream),
-                    partial_images=body.partial_images or 0)
+    return Prepared(model_id=model_id, request=request, needs=_needs(operation, ask, inputs),
+                    response_format=ask.response_format or "b64_json", stream=ask.stream,
+                    partial_images=ask.partial_images, price=Price.of(width, height, n, model.price_per_mp))

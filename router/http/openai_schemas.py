@@ -1,4 +1,5 @@
-"""Request bodies as pydantic models: types and ranges; per-model rules live in `validation`."""
+"""The OpenAI surface's request bodies as pydantic models: types and ranges. Per-model rules are the
+pipeline's (router/pipeline/validation.py); `ask()` hands a body over to it."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .errors import invalid
+from ..errors import invalid
+from ..pipeline import ImageAsk
 
 MAX_PROMPT = 32_000
 # Fields of OpenAI's API (or ours) that some upstreams understand and we pass on as hints.
@@ -49,10 +51,25 @@ class GenerationBody(BaseModel):
     def hints(self) -> dict[str, Any]:
         return {k: getattr(self, k, None) for k in HINT_FIELDS if getattr(self, k, None) is not None}
 
+    def ask(self) -> ImageAsk:
+        return ImageAsk(
+            prompt=self.prompt, model=self.model, n=self.n, size=self.size, aspect_ratio=self.aspect_ratio,
+            response_format=self.response_format, output_format=self.output_format,
+            output_compression=self.output_compression, background=self.background, quality=self.quality,
+            negative_prompt=self.negative_prompt, seed=self.seed, steps=self.steps,
+            guidance_scale=self.guidance_scale, strength=self.edit_strength(), stream=bool(self.stream),
+            partial_images=self.partial_images or 0, hints=self.hints(), extra=dict(self.model_extra or {}))
+
+    def edit_strength(self) -> float | None:
+        return None  # generations take no strength (as a field it is an unknown one)
+
 
 class EditBody(GenerationBody):
     strength: float | None = Field(default=None, ge=0, le=1)
     input_fidelity: Literal["low", "high"] | None = None
+
+    def edit_strength(self) -> float | None:
+        return self.strength
 
 
 _NUMBERS = {"n", "seed", "steps", "guidance_scale", "output_compression", "partial_images", "strength"}

@@ -12,8 +12,8 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_aft
 
 from imagegate.providers.base import ImageRequest, Provider, ProviderResult, UpstreamError
 
-from .config import RetryConfig
-from .metrics import Metrics
+from ..config import RetryConfig
+from ..metrics import Metrics
 from .resilience import Health, Latency
 
 log = logging.getLogger("imagegate")

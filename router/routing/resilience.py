@@ -81,7 +81,7 @@ class CircuitBreaker:
         return max(1, math.ceil(self.cooldown_s - (time.monotonic() - self.opened_at)))
 
 
-class QueueFull(Exception):
+class LimiterFull(Exception):
     def __init__(self, retry_after: int) -> None:
         super().__init__("queue full")
         self.retry_after = retry_after
@@ -123,7 +123,7 @@ class Limiter:
     async def _wait(self, seconds_per_call: float) -> None:
         if self.waiting >= self.max_queue:
             ahead = (self.waiting + 1) / self.concurrency
-            raise QueueFull(max(1, math.ceil(ahead * max(seconds_per_call, 0.1))))
+            raise LimiterFull(max(1, math.ceil(ahead * max(seconds_per_call, 0.1))))
         self.waiting += 1
         self.on_change()
         try:

@@ -1,0 +1,113 @@
+"""The OpenAI Images surface: POST /v1/images/generations and /v1/images/edits.
+
+Parse (JSON or multipart, into an `ImageAsk`) → the pipeline → render (an ImagesResponse, a
+server-sent event stream, or a 202 task)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from ..errors import invalid
+from ..pipeline import (Admitted, Caller, ClientGone, Generation, Inputs, Pipeline, Prepared, Reply, fingerprint,
+                        image_item, images_body)
+from ..services import Services
+from .bodies import form_inputs, media_type, read_form, read_json, read_object
+from .context import caller_of, disconnected, idempotency_key, mark
+from .openai_schemas import EditBody, GenerationBody, parse_body
+from .responses import reply_response
+from .sse import completed_stream, live_stream
+from .task_views import accepted
+
+CLIENT_CLOSED = 499  # nginx's code for "the client went away", for the logs
+GENERATIONS, EDITS = "/v1/images/generations", "/v1/images/edits"
+
+
+async def generations(request: Request) -> Response:
+    services = mark(request, GENERATIONS)
+    raw = await read_json(request)
+    body = parse_body(GenerationBody, raw)
+    return await _serve(request, services, body, "generate", Inputs(), lambda: fingerprint(GENERATIONS, raw))
+
+
+async def edits(request: Request) -> Response:
+    services = mark(request, EDITS)
+    if media_type(request) == "application/json":
+        fields = await read_object(request)
+        inputs = await services.pipeline.json_inputs(fields, caller_of(request))
+    else:
+        inputs, fields = await form_inputs(await read_form(request), services.cfg.server.max_image_pixels)
+    body = parse_body(EditBody, fields)
+    return await _serve(request, services, body, "edit", inputs, lambda: fingerprint(EDITS, fields, inputs.blobs()))
+
+
+async def _serve(request: Request, services: Services, body: GenerationBody, operation: str, inputs: Inputs,
+                 print_: Callable[[], str]) -> Response:
+    pipeline, caller = services.pipeline, caller_of(request)
+    prepared = pipeline.prepare(body.ask(), operation, inputs, caller, partial(setattr, request.state, "model"))
+    as_task = bool(body.is_async) or "respond-async" in request.headers.get("prefer", "")
+    key = idempotency_key(request)
+    if prepared.stream and as_task:
+        raise invalid("a request is either streamed or run as an async task, not both", "async")
+    if prepared.stream and key is not None:
+        raise invalid("Idempotency-Key cannot be used with stream: true (a stream cannot be replayed)",
+                      "Idempotency-Key")
+    if prepared.stream:
+        return await _stream(request, pipeline, prepared, caller)
+    reply = await pipeline.idempotent(caller, key, print_, partial(_reply, request, pipeline, prepared, caller, as_task))
+    return reply_response(reply)
+
+
+def _headers(generation: Generation) -> dict[str, str]:
+    return {"x-imagegate-model": generation.prepared.model_id, "x-imagegate-provider": generation.provider,
+            "x-imagegate-cost": generation.delivered.price.header()}
+
+
+async def _reply(request: Request, pipeline: Pipeline, prepared: Prepared, caller: Caller, as_task: bool) -> Reply:
+    if as_task:
+        record = await pipeline.submit(prepared, caller)
+        return accepted(pipeline, caller, record)
+    try:
+        generation = await pipeline.generate(prepared, caller, disconnected(request))
+    except ClientGone:
+        return Reply(CLIENT_CLOSED, b"")  # nobody is listening
+    if prepared.response_format == "url":
+        items = [image_item(image, url=pipeline.url_of(caller, image.artifact), artifact_id=image.artifact.id)
+                 for image in generation.images if image.artifact is not None]
+    else:
+        items = [image_item(image, b64_json=image.b64) for image in generation.images]
+    body = images_body(items, generation.delivered, prepared, generation.billing)
+    return Reply.json(body, headers=_headers(generation))
+
+
+async def _stream(request: Request, pipeline: Pipeline, prepared: Prepared, caller: Caller) -> Response:
+    """Server-sent events (never replayed: streams take no Idempotency-Key). Without previews, the
+    completed images once they are ready; with them, the generation runs inside the response."""
+    if not prepared.request.partial_images:
+        try:
+            generation = await pipeline.generate(prepared, caller, disconnected(request))
+        except ClientGone:
+            return Response(status_code=CLIENT_CLOSED)
+        return completed_stream(generation, _headers(generation))
+    admitted = await pipeline.admit(prepared, caller)
+    headers = {"x-imagegate-model": prepared.model_id, "x-imagegate-cost": prepared.price.header()}
+    stream = live_stream(prepared.request, headers, partial(pipeline.run, prepared, caller, admitted))
+    return _ReleaseAfter(stream, pipeline, admitted)
+
+
+class _ReleaseAfter:
+    """A live stream runs inside its response: give back what it holds once the response is over,
+    however it ended (finished, failed, client gone). A finished run has settled already."""
+
+    def __init__(self, response: Response, pipeline: Pipeline, admitted: Admitted) -> None:
+        self.response, self.pipeline, self.admitted = response, pipeline, admitted
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self.response(scope, receive, send)
+        finally:
+            await self.pipeline.release(self.admitted)

@@ -1,0 +1,42 @@
+"""Responses: JSON through orjson, errors in the OpenAI shape, and a pipeline `Reply` as sent."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+
+from ..errors import ApiError
+from ..pipeline import Reply
+
+
+class JSONResponse(Response):
+    """orjson: response bodies carry megabytes of base64."""
+
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
+
+
+def error_response(exc: ApiError) -> Response:
+    return Response(exc.body(), status_code=exc.status, headers=exc.headers, media_type="application/json")
+
+
+def reply_response(reply: Reply) -> Response:
+    return Response(reply.body, status_code=reply.status, headers=reply.headers, media_type=reply.media_type)
+
+
+async def api_error_handler(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return error_response(exc)
+
+
+async def http_error_handler(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+    # Keep Starlette's headers: a 405 must say which methods are allowed (`Allow`).
+    return error_response(ApiError(exc.status_code, str(exc.detail), code=code, headers=dict(exc.headers or {})))

@@ -1,0 +1,68 @@
+"""API keys as the surfaces see them: the key behind a secret, a caller's usage, and the admin
+operations (create, list, revoke, top up). The store's refusals become ApiErrors here."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from ..errors import ApiError, invalid
+from ..routing import ModelRouter
+from ..state import KeyNotFound, KeyRecord, StateError, Store, format_usd
+from .caller import Caller
+
+USAGE_LIMIT = 100
+
+
+class Accounts:
+    def __init__(self, store: Store, router: ModelRouter) -> None:
+        self.store, self.router = store, router
+
+    async def authenticate(self, secret: str) -> KeyRecord | None:
+        """The live key whose secret this is; None for unknown, malformed and revoked alike."""
+        return await self.store.authenticate(secret)
+
+    async def usage(self, caller: Caller) -> dict[str, Any]:
+        """The caller's balance and their latest ledger entries (most recent first). Needs a key:
+        with auth off there is no caller to report on."""
+        if caller.key is None:
+            raise ApiError(404, "usage is kept per API key; this gateway runs with auth disabled",
+                           code="usage_unavailable")
+        key_id = caller.key.id
+        record = await self.store.get_key(key_id)
+        entries = await self.store.recent_ledger(key_id, USAGE_LIMIT)
+        return {"object": "usage", "key_id": key_id, "balance_micros": record.balance_micros,
+                "balance": format_usd(record.balance_micros), "ledger": [e.public() for e in entries]}
+
+    def model_ids(self, names: Sequence[str]) -> list[str]:
+        """Aliases are stored as the model ids they name: the check at request time sees resolved ids."""
+        try:
+            return [self.router.resolve(name) for name in names]
+        except ApiError as exc:
+            raise invalid(exc.message, "models", code="model_not_found") from None
+
+    async def create_key(self, name: str, credits_micros: int | None, models: Sequence[str] | None,
+                         rpm: int | None, concurrency: int | None) -> tuple[KeyRecord, str]:
+        """A new key and its secret (shown this once: the store keeps its hash). `models`: ids, as
+        `model_ids` resolves them."""
+        try:
+            return await self.store.create_key(name, credits_micros, models, rpm, concurrency)
+        except StateError as exc:
+            raise invalid(str(exc)) from None
+
+    async def list_keys(self) -> list[KeyRecord]:
+        return await self.store.list_keys()
+
+    async def revoke(self, key_id: str) -> KeyRecord:
+        try:
+            return await self.store.revoke(key_id)
+        except KeyNotFound as exc:
+            raise ApiError(404, str(exc), code="key_not_found") from None
+
+    async def topup(self, key_id: str, micros: int, reference: str | None) -> KeyRecord:
+        try:
+            return await self.store.topup(key_id, micros, reference)
+        except KeyNotFound as exc:
+            raise ApiError(404, str(exc), code="key_not_found") from None
+        except StateError as exc:
+            raise invalid(str(exc), "credits", code="key_unlimited") from None

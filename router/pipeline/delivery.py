@@ -1,0 +1,102 @@
+"""From a prepared request to checked images: its routes within the deadline, then the output
+normalized and priced as delivered. Shared by synchronous answers, streams and async tasks."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import TypeVar
+
+import anyio
+
+from ..artifacts import ArtifactStore
+from ..errors import ApiError
+from ..metrics import Metrics
+from ..routing import ModelRouter, Served, Trail
+from .drain import Drain
+from .normalize import DeliveredImage, finish_all
+from .pricing import Price
+from .results import Delivered
+from .validation import Prepared
+
+T = TypeVar("T")
+# Waits until the client has gone away; the surface makes it from its connection.
+Gone = Callable[[], Awaitable[None]]
+
+
+class ClientGone(Exception):
+    """The client disconnected; its work was cancelled."""
+
+
+class Delivery:
+    def __init__(self, router: ModelRouter, artifacts: ArtifactStore, drain: Drain, metrics: Metrics, *,
+                 request_timeout_s: float, max_image_pixels: int) -> None:
+        self.router, self.artifacts, self.drain, self.metrics = router, artifacts, drain, metrics
+        self.request_timeout_s, self.max_image_pixels = request_timeout_s, max_image_pixels
+
+    async def route(self, prepared: Prepared, trail: Trail, gone: Gone | None = None,
+                    timeout_s: float | None = None) -> Served:
+        """The routes of the model within the request's deadline (`timeout_s`, else the configured one;
+        shortened when the gateway drains). With `gone`, the work is cancelled if the client goes
+        away (then `ClientGone`)."""
+        try:
+            limit = self.request_timeout_s if timeout_s is None else max(0.0, timeout_s)
+            with anyio.fail_after(limit) as scope, self.drain.tracked(scope):
+                work = partial(self.router.serve, prepared.model_id, prepared.request, prepared.needs, trail,
+                               scope.deadline)
+                return await (_unless_gone(gone, work) if gone is not None else work())
+        except TimeoutError:
+            headers = {"x-should-retry": "false"} if trail.paid else {}
+            if self.drain.draining:
+                raise ApiError(503, "the gateway shut down before the request finished", code="shutting_down",
+                               retry_after=1, headers=headers) from None
+            raise ApiError(504, "the request did not finish within the gateway's deadline",
+                           code="deadline_exceeded", headers=headers) from None
+
+    async def deliver(self, prepared: Prepared, served: Served) -> Delivered:
+        """The served images checked and converted as asked, counted, and priced as delivered."""
+        req = prepared.request
+        images = served.result.images[: req.n]
+        if not images:
+            raise ApiError(502, "the upstream returned no images", code="upstream_bad_response")
+        finished = await finish_all(images, req, self.max_image_pixels)
+        price = Price.of(req.width, req.height, len(finished), prepared.price.price_per_mp)
+        model_id = prepared.model_id
+        self.metrics.images.labels(model_id).inc(len(finished))
+        self.metrics.megapixels.labels(model_id).inc(float(price.megapixels))
+        self.metrics.cost.labels(model_id).inc(float(price.cost))
+        return Delivered(finished, price)
+
+    async def store(self, images: list[DeliveredImage], owner: str | None) -> None:
+        """Keep each image as an artifact of `owner` (url answers, task results)."""
+        for image in images:
+            info = image.info
+            image.artifact = await self.artifacts.put(image.data, content_type=f"image/{info.format}",
+                                                      width=info.width, height=info.height, owner=owner)
+
+
+async def _unless_gone(gone: Gone, work: Callable[[], Awaitable[T]]) -> T:
+    """Run `work`, cancelling it (and so any upstream task it polls) if the client goes away."""
+    result: list[T] = []
+    failure: Exception | None = None
+    async with anyio.create_task_group() as tg:
+
+        async def watch() -> None:
+            await gone()
+            tg.cancel_scope.cancel()
+
+        async def run() -> None:
+            nonlocal failure
+            try:
+                result.append(await work())
+            except Exception as exc:  # re-raised below as itself, not wrapped in an ExceptionGroup
+                failure = exc
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(watch)
+        tg.start_soon(run)
+    if failure is not None:
+        raise failure
+    if not result:
+        raise ClientGone()
+    return result[0]
