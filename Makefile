@@ -1,24 +1,39 @@
 # The two commands of the README: `make serve` and `make test`. Each sets up .venv first.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+CORE := $(VENV)/.core-installed
+FULL := $(VENV)/.all-installed
 
-# torch first, pinned: that takes the local CPU build; letting `.[local]` resolve it would pull CUDA wheels.
-$(STAMP): pyproject.toml
+# Serving needs only the core: no torch, diffusers or transformers (the [local] extra adds them).
+$(CORE): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e .
+	touch $(CORE)
+
+# Everything the tests need. torch first, pinned: that takes the local CPU build; letting `.[local]`
+# resolve it would pull CUDA wheels.
+$(FULL): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev,local,postgres]'
-	touch $(STAMP)
+	touch $(FULL) $(CORE)
 
-.PHONY: serve test bench
-serve: $(STAMP)
+.PHONY: serve test lint bench
+serve: $(CORE)
 	$(VENV)/bin/imagegate serve
 
-test: $(STAMP)
+# The gate (lint, types, architecture), then the suite.
+lint: $(FULL)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
+
+test: lint
 	$(VENV)/bin/pytest -q
 
-bench: $(STAMP)
+bench: $(FULL)
 	$(PY) bench/gateway_overhead.py
 	$(PY) bench/failover_load.py
 	$(PY) bench/local_pipeline.py

@@ -235,7 +235,8 @@ def percentile(values: list[float], q: float) -> float:
 async def ledger_check(state_url: str, base_url: str, key_id: str, key: str, charged: int) -> str:
     """start − Σ charged == /v1/usage balance == Σ ledger, and no hold left (settles run before the
     response is sent, so once the load is over nothing should remain held)."""
-    usage = httpx.get(f"{base_url}/v1/usage", headers={"authorization": f"Bearer {key}"}, timeout=30).json()
+    async with httpx.AsyncClient(timeout=30) as client:
+        usage = (await client.get(f"{base_url}/v1/usage", headers={"authorization": f"Bearer {key}"})).json()
     store = await open_store(state_url)
     try:
         async with store.engine.connect() as conn:

@@ -24,10 +24,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import httpx  # noqa: E402
-import yaml  # noqa: E402
+import httpx
+import yaml
 
-from tests.fakes.openai_upstream import FakeOpenAI  # noqa: E402
+from tests.fakes.openai_upstream import FakeOpenAI
 
 KEY = "sk-bench-upstream-key"
 BODY = {"model": "chain", "prompt": "bench", "size": "256x256"}

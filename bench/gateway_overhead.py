@@ -35,11 +35,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import httpx  # noqa: E402
-import yaml  # noqa: E402
-from PIL import Image  # noqa: E402
+import httpx
+import yaml
+from PIL import Image
 
-from tests.fakes.openai_upstream import FakeOpenAI  # noqa: E402
+from tests.fakes.openai_upstream import FakeOpenAI
 
 HOST, KEY, MODEL, SIZE = "127.0.0.1", "sk-bench-upstream-key", "bench", 1024
 TARGET_B64 = 1_500_000  # the issue: "a 1024x1024 PNG (about 1.5 MB of base64)"
@@ -105,7 +105,7 @@ def start_gateway(tmp: Path, upstream_url: str, port: int) -> subprocess.Popen[b
     exe = Path(sys.executable).parent / "imagegate"
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "imagegate"]
     cmd += ["serve", "--config", str(tmp / "bench.yaml"), "--port", str(port), "--log-level", "warning"]
-    return subprocess.Popen(cmd, cwd=tmp, preexec_fn=child_setup)  # noqa: PLW1509 (no threads yet)
+    return subprocess.Popen(cmd, cwd=tmp, preexec_fn=child_setup)
 
 
 def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:

@@ -149,7 +149,7 @@ def direct_run(pipe: Any, s: Setup, cell: Cell, seeds: list[int]) -> None:
     cell.rounds.append(time.perf_counter() - start)
     cell.cpu += time.process_time() - cpu0
     cell.images += len(seeds)
-    cell.pixels.update({seed: np.asarray(image.convert("RGB")) for seed, image in zip(seeds, images)})
+    cell.pixels.update({seed: np.asarray(image.convert("RGB")) for seed, image in zip(seeds, images, strict=True)})
 
 
 def gateway_config(s: Setup, tmp: Path, directory: Path) -> dict[str, Any]:
@@ -209,7 +209,7 @@ def post_all(client: httpx.Client, url: str, s: Setup, cell: Cell, seeds: list[i
         return str(resp.json()["data"][0]["b64_json"])
 
     with ThreadPoolExecutor(cell.concurrency) as pool:  # each thread posts its next seed when answered
-        return dict(zip(seeds, pool.map(one, seeds)))
+        return dict(zip(seeds, pool.map(one, seeds), strict=True))
 
 
 def gateway_run(client: httpx.Client, url: str, pid: int, s: Setup, cell: Cell, seeds: list[int]) -> None:

@@ -3,7 +3,7 @@
 Sizes are parameter and buffer bytes: estimated from the weight files' headers before a load (so
 room is made before the weights arrive) and measured from the modules after it. Evicting drops
 every reference the cache holds (the views included), collects garbage and, on CUDA, returns the
-allocator's cached blocks (docs: local-diffusers.md §0.6, §4.5). Used only from the worker thread.
+allocator's cached blocks (docs/local-diffusers.md §0.6, §4.5). Used only from the worker thread.
 """
 
 from __future__ import annotations

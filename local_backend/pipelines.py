@@ -2,7 +2,7 @@
 
 Everything loads from local files only (`local_files_only=True`): a diffusers directory through the
 family's pipeline class, or a single checkpoint file with a local config-only directory (without
-`config=`, `from_single_file` goes to the Hub even offline; docs: local-diffusers.md §3.5).
+`config=`, `from_single_file` goes to the Hub even offline; docs/local-diffusers.md §3.5).
 img2img and inpainting are `AutoPipelineFor*.from_pipe` views of the loaded text-to-image pipeline:
 the same module objects, no second copy of the weights.
 
@@ -52,7 +52,8 @@ def resolve_dtype(spec: ModelSpec, device: str) -> torch.dtype:
     if spec.dtype == "auto":
         # bf16 where there is a GPU (SDXL's VAE included: bf16 has fp32's range); fp32 on CPU, where bf16 is slower.
         return torch.float32 if device == "cpu" else torch.bfloat16
-    return getattr(torch, spec.dtype)
+    dtype: torch.dtype = getattr(torch, spec.dtype)
+    return dtype
 
 
 def _quiet_libraries() -> None:
@@ -256,7 +257,8 @@ def _speed_up(pipe: Any, spec: ModelSpec) -> None:
     if spec.compile:
         denoiser = getattr(pipe, "unet", None) or pipe.transformer
         # Regional compilation (the repeated blocks only) compiles ~8-10x faster than the whole model for the
-        # same speed. dynamic=None: the first new size recompiles once and marks the dims dynamic (§3.7).
+        # same speed. dynamic=None: the first new size recompiles once and marks the dims dynamic
+        # (docs/local-diffusers.md §3.7).
         if getattr(denoiser, "_repeated_blocks", None):
             denoiser.compile_repeated_blocks(fullgraph=True)
         else:

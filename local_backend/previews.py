@@ -5,7 +5,7 @@ as InvokeAI and ComfyUI do with fixed per-family tables. Here the map is fitted 
 model by encoding a few smooth colour fields with that model's own VAE and solving least squares,
 so it matches the actual VAE (fine-tuned ones too) and any channel count, without copied tables.
 Flux and Qwen-Image hand the step callback *packed* latents (B, tokens, C·4) that are unpacked with
-the pipeline's own `_unpack_latents` first (docs: local-diffusers.md §3.8).
+the pipeline's own `_unpack_latents` first (docs/local-diffusers.md §3.8).
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def _encode(pipe: Any, family: Family, images: torch.Tensor) -> torch.Tensor:
         x = images.to(device=device, dtype=dtype)
         if family == "qwen-image":
             x = x[:, :, None]  # one frame: the Qwen-Image VAE is a video VAE
-        z = vae.encode(x).latent_dist.mean
+        z: torch.Tensor = vae.encode(x).latent_dist.mean
         return (z[:, :, 0] if family == "qwen-image" else z).float().cpu()
     finally:
         if upcast:
@@ -132,7 +132,8 @@ def previewer_for(entry: Any) -> LatentPreviewer:
             log.warning("preview map for %s could not be fitted (%s); showing raw channels", entry.spec.name, exc)
             config = entry.base.vae.config
             entry.preview = LatentPreviewer.fallback(getattr(config, "latent_channels", None) or config.z_dim)
-    return entry.preview
+    previewer: LatentPreviewer = entry.preview
+    return previewer
 
 
 def preview_steps(partial_images: int, total: int) -> list[int]:

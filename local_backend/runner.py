@@ -2,10 +2,10 @@
 
 Jobs batched together share one call: the prompts are listed once per image and every image gets
 its own CPU `torch.Generator` seeded seed+i, so image i depends only on its own seed (to ~1e-6, as a
-batched kernel is not bitwise equal to a single one; docs: local-diffusers.md §0.4). A job with more
+batched kernel is not bitwise equal to a single one; docs/local-diffusers.md §0.4). A job with more
 images than `max_batch` runs as several calls. The step callback reports progress, sends previews,
 times the steps, and stops the call when every job in it has been cancelled: raising there aborts
-before the VAE decode and leaves the pipeline reusable (§3.8).
+before the VAE decode and leaves the pipeline reusable (docs/local-diffusers.md §3.8).
 """
 
 from __future__ import annotations
@@ -42,8 +42,7 @@ def operation_of(job: Job) -> Operation:
 def source_image(data: bytes, width: int, height: int) -> Any:
     from PIL import Image
 
-    image = Image.open(io.BytesIO(data))
-    image = image.convert("RGB")
+    image: Image.Image = Image.open(io.BytesIO(data)).convert("RGB")
     return image if image.size == (width, height) else image.resize((width, height), Image.Resampling.LANCZOS)
 
 
@@ -51,7 +50,7 @@ def inpaint_mask(data: bytes, width: int, height: int) -> Any:
     """OpenAI's mask (transparent = edit) → diffusers' (white = repaint). Without alpha: taken as white = edit."""
     from PIL import Image, ImageOps
 
-    mask = Image.open(io.BytesIO(data))
+    mask: Image.Image = Image.open(io.BytesIO(data))
     if mask.mode in ("RGBA", "LA", "PA") or "transparency" in mask.info:
         mask = ImageOps.invert(mask.convert("RGBA").getchannel("A"))
     else:
@@ -60,7 +59,7 @@ def inpaint_mask(data: bytes, width: int, height: int) -> Any:
 
 
 @functools.cache
-def _accepted(cls: type) -> frozenset[str]:
+def _accepted(cls: type[Any]) -> frozenset[str]:
     return frozenset(inspect.signature(cls.__call__).parameters)
 
 
@@ -82,7 +81,8 @@ def family_kwargs(family: str, job: Job) -> dict[str, Any]:
     return kwargs
 
 
-def call_kwargs(entry: LoadedPipeline, view: Any, slots: list[Slot], callback: Callable[..., dict]) -> dict:
+def call_kwargs(entry: LoadedPipeline, view: Any, slots: list[Slot],
+                callback: Callable[..., dict[str, Any]]) -> dict[str, Any]:
     first = slots[0][0]
     kwargs: dict[str, Any] = {
         "prompt": [job.prompt for job, _ in slots],
@@ -104,7 +104,7 @@ def call_kwargs(entry: LoadedPipeline, view: Any, slots: list[Slot], callback: C
         kwargs["strength"] = first.strength
         if first.mask is not None:
             kwargs["mask_image"] = inpaint_mask(first.mask, first.width, first.height)
-    accepted = _accepted(type(view))
+    accepted = _accepted(view.__class__)
     return {k: v for k, v in kwargs.items() if k in accepted}
 
 
@@ -148,7 +148,9 @@ class StepCallback:
         _safely(job.on_preview, index, png)
 
 
-def _safely(callback: Callable[..., None], *args: Any) -> None:
+def _safely(callback: Callable[..., None] | None, *args: Any) -> None:
+    if callback is None:
+        return
     try:
         callback(*args)
     except Exception:  # the caller's callbacks must not take the run down

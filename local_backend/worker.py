@@ -2,7 +2,7 @@
 
 Every pipeline call, load and eviction of a device happens on its one thread, so two calls never run
 at a time on one pipeline (a diffusers pipeline is not thread-safe, and model construction must not
-overlap device moves; docs: local-diffusers.md §0.1, §1.4). The event loop only queues jobs and
+overlap device moves; docs/local-diffusers.md §0.1, §1.4). The event loop only queues jobs and
 awaits their futures. Waiting generate jobs with equal `batch_key()` are taken together and run as
 one call of up to `max_batch` images. A failure fails only its own jobs: a model that cannot load,
 an out-of-memory error (the other resident models are evicted and the device cache emptied), a
@@ -19,7 +19,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-
+from typing import Any
 
 from .cache import GIB, PipelineCache, default_budget, free_device_memory, load_error
 from .jobs import Job, JobCancelled, ModelLoadError, ModelSpec, OutOfMemory, QueueFull, Result
@@ -32,7 +32,7 @@ log = logging.getLogger("imagegate.local")
 
 @dataclass(eq=False)
 class _Item:
-    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+    future: concurrent.futures.Future[Any] = field(default_factory=concurrent.futures.Future)
     job: Job | None = None
     warm: ModelSpec | None = None  # a load-only item from warm()
 
@@ -120,7 +120,7 @@ class DeviceWorker:
 
     # --- the event loop side ---
 
-    def _submit(self, item: _Item) -> concurrent.futures.Future:
+    def _submit(self, item: _Item) -> concurrent.futures.Future[Any]:
         with self._cond:
             if self._closed:
                 raise RuntimeError(f"the {self.device} worker is closed")
@@ -173,9 +173,8 @@ class DeviceWorker:
                 if self._claim(first):
                     break
             taken = [first]
-            key = first.job.batch_key() if first.job is not None else None
-            if key is not None:
-                images = first.job.n
+            if first.job is not None:
+                key, images = first.job.batch_key(), first.job.n
                 for item in list(self._items):
                     job = item.job
                     if job is not None and job.batch_key() == key and images + job.n <= self.max_batch:
@@ -199,6 +198,7 @@ class DeviceWorker:
 
     def _warm_one(self, item: _Item) -> None:
         spec = item.warm
+        assert spec is not None  # a load-only item
         loaded = self._load(spec)
         if isinstance(loaded, BaseException):
             free_device_memory(self.device)  # whatever a half-loaded pipeline took
@@ -232,7 +232,7 @@ class DeviceWorker:
             return _strip(exc)
 
     def _execute(self, items: list[_Item]) -> None:
-        jobs = [item.job for item in items]
+        jobs = [item.job for item in items if item.job is not None]  # a batch: every item has a job
         spec = jobs[0].spec
         started = time.perf_counter()
         outcome = self._attempt(spec, jobs)
@@ -252,6 +252,7 @@ class DeviceWorker:
 
     def _settle(self, item: _Item, outcome: list[bytes] | BaseException, seconds: float) -> None:
         job = item.job
+        assert job is not None  # only batches of jobs are settled
         if isinstance(outcome, BaseException):
             item.future.set_exception(_copy(outcome))
         elif job.cancelled.is_set():  # batched with jobs still wanted: ran to the end, but nobody waits

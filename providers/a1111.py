@@ -336,8 +336,8 @@ def _checkpoint_names(item: dict[str, Any]) -> list[str]:
 
 
 def _sampler_names(item: dict[str, Any]) -> list[str]:
-    aliases = item.get("aliases") if isinstance(item.get("aliases"), list) else []
-    return [str(n).lower() for n in [item.get("name"), *aliases] if n]
+    aliases = item.get("aliases")
+    return [str(n).lower() for n in [item.get("name"), *(aliases if isinstance(aliases, list) else [])] if n]
 
 
 def _sampler_known(name: str, known: set[str]) -> bool:

@@ -254,8 +254,8 @@ class DashScopeProvider(HTTPProvider):
 
     # -- answers and errors ------------------------------------------------------------------------
     def _output(self, answer: Any) -> dict[str, Any]:
-        if isinstance(answer, dict) and isinstance(answer.get("output"), dict):
-            return answer["output"]
+        if isinstance(answer, dict) and isinstance(output := answer.get("output"), dict):
+            return output
         if isinstance(answer, dict) and isinstance(answer.get("code"), str) and answer["code"]:
             raise self._mapped(answer["code"], answer.get("message"), None)  # an error body sent with a 200
         raise http.bad_response("upstream answer has no output")

@@ -149,7 +149,7 @@ class DiffusersProvider(Provider):
             log.exception("provider %r: the local pipeline failed", self.name)
             raise UpstreamError(f"the local pipeline failed ({type(exc).__name__})", status=502,
                                 code="local_pipeline_failed", fallback=True) from None
-        images = [GeneratedImage(data=png, seed=seed) for png, seed in zip(result.images, result.seeds)]
+        images = [GeneratedImage(data=png, seed=seed) for png, seed in zip(result.images, result.seeds, strict=False)]
         return ProviderResult(images=images, metadata={"seconds": result.seconds})
 
     def _job(self, spec: ModelSpec, request: ImageRequest) -> Job:

@@ -39,10 +39,14 @@ _RATIO = re.compile(r"^([1-9]\d?):([1-9]\d?)$")
 _DELAY = re.compile(r"^(\d+(?:\.\d+)?)s$")
 
 
+Modality = Literal["TEXT", "IMAGE"]
+MODALITIES: tuple[Modality, ...] = ("TEXT", "IMAGE")
+
+
 class GeminiOptions(HTTPProviderOptions):
     base_url: str = "https://generativelanguage.googleapis.com"
     api_version: str = "v1beta"
-    response_modalities: list[Literal["TEXT", "IMAGE"]] = Field(default_factory=lambda: ["TEXT", "IMAGE"])
+    response_modalities: list[Modality] = Field(default_factory=lambda: list(MODALITIES))
     # Newer models take more (4:5, 5:4, …): list them here to use them.
     aspect_ratios: list[str] = Field(default_factory=lambda: list(ASPECT_RATIOS), min_length=1)
     # false for models that refuse `imageConfig.imageSize` (they answer 1K only).

@@ -5,8 +5,8 @@ from __future__ import annotations
 import binascii
 import math
 from collections.abc import Iterable
+from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
@@ -57,8 +57,8 @@ def retry_after_seconds(response: httpx.Response) -> float | None:
         except (TypeError, ValueError, IndexError):
             return None
         if when.tzinfo is None:  # "-0000" parses naive; HTTP dates are GMT
-            when = when.replace(tzinfo=timezone.utc)
-        seconds = (when - datetime.now(timezone.utc)).total_seconds()
+            when = when.replace(tzinfo=UTC)
+        seconds = (when - datetime.now(UTC)).total_seconds()
     if math.isnan(seconds):
         return None
     return min(MAX_RETRY_AFTER_S, max(0.0, seconds))

@@ -63,7 +63,7 @@ def inspect(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, decode: bool =
             width, height = img.size
             if width < 1 or height < 1 or width * height > max_pixels:
                 raise ImageCheckError(f"image of {width}x{height} pixels is over the limit of {max_pixels} pixels")
-            info = ImageInfo(FORMATS[img.format], width, height, img.mode, _has_alpha(img))
+            info = ImageInfo(FORMATS[str(img.format)], width, height, img.mode, _has_alpha(img))
             if decode:
                 img.load()
             else:

@@ -7,6 +7,7 @@ needs torch) costs nothing to a gateway that does not configure it.
 from __future__ import annotations
 
 from importlib import import_module
+from typing import Any
 
 from .base import Provider
 
@@ -28,7 +29,7 @@ def kind_class(kind: str) -> type[Provider]:
     return cls
 
 
-def create(name: str, options: dict) -> Provider:
+def create(name: str, options: dict[str, Any]) -> Provider:
     """Build a provider instance from its raw YAML mapping (validated by the kind's Options)."""
     cls = kind_class(options["type"])
     return cls(name, cls.Options.model_validate(options))

@@ -128,7 +128,8 @@ class ArtifactStore:
         return self.signed_path_for(art.id, art.expires_at)
 
     def signed_path_for(self, artifact_id: str, expires: int) -> str:
-        return f"/v1/artifacts/{artifact_id}/content?expires={expires}&signature={self._signature(artifact_id, expires)}"
+        signature = self._signature(artifact_id, expires)
+        return f"/v1/artifacts/{artifact_id}/content?expires={expires}&signature={signature}"
 
     def check_signature(self, artifact_id: str, expires: str, signature: str) -> bool:
         if not expires.isdigit() or int(expires) <= time.time():

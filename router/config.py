@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 import re
-from importlib import resources
 from decimal import Decimal
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -118,13 +118,16 @@ class Defaults(_Strict):
     strength: float | None = Field(default=None, ge=0, le=1)
 
 
+RetryOn = Literal["connect", "timeout", "429", "5xx"]
+RETRY_ON: tuple[RetryOn, ...] = ("connect", "timeout", "429", "5xx")
+
+
 class RetryConfig(_Strict):
     attempts: int = Field(default=1, ge=1, le=10)  # calls to this route, the first included
     backoff_s: float = Field(default=0.5, ge=0)  # exponential backoff with full jitter from here …
     max_backoff_s: float = Field(default=8.0, ge=0)  # … up to here
     max_retry_after_s: float = Field(default=30.0, ge=0)  # a longer Retry-After: fall back instead of waiting
-    on: list[Literal["connect", "timeout", "429", "5xx"]] = Field(
-        default_factory=lambda: ["connect", "timeout", "429", "5xx"])
+    on: list[RetryOn] = Field(default_factory=lambda: list(RETRY_ON))
 
     @field_validator("on", mode="before")
     @classmethod
@@ -304,7 +307,7 @@ def _within(size: tuple[int, int] | None, limits: Limits) -> bool:
 def load_text(text: str, source: str = "<string>") -> Config:
     """Parse and validate a configuration; raises ConfigError listing every problem by path."""
     try:
-        raw = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+        raw = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as exc:
         raise ConfigError([f"{source}: not valid YAML: {exc}"]) from None
     if not isinstance(raw, dict):

@@ -156,14 +156,16 @@ async def _get(target: Target, address: IPAddress, param: str, policy: Policy) -
     url, headers, extensions = _pinned(target, address)
     # A client per hop: a pooled connection to the same address could have been verified for another
     # name. trust_env=False: an environment proxy would resolve the name again, undoing the pin.
-    async with httpx.AsyncClient(trust_env=False, follow_redirects=False, timeout=policy.timeout_s) as client:
-        async with client.stream("GET", url, headers=headers, extensions=extensions) as resp:
-            if resp.is_redirect and resp.headers.get("location"):
-                return None, urljoin(target.url, resp.headers["location"])
-            if resp.status_code != 200:
-                raise invalid(f"'{param}': fetching the image URL failed (HTTP {resp.status_code})", param,
-                              code="image_url_fetch_failed")
-            return await read_capped(resp, policy.max_bytes), None
+    async with (
+        httpx.AsyncClient(trust_env=False, follow_redirects=False, timeout=policy.timeout_s) as client,
+        client.stream("GET", url, headers=headers, extensions=extensions) as resp,
+    ):
+        if resp.is_redirect and resp.headers.get("location"):
+            return None, urljoin(target.url, resp.headers["location"])
+        if resp.status_code != 200:
+            raise invalid(f"'{param}': fetching the image URL failed (HTTP {resp.status_code})", param,
+                          code="image_url_fetch_failed")
+        return await read_capped(resp, policy.max_bytes), None
 
 
 async def fetch_image_url(url: str, param: str, policy: Policy) -> bytes:

@@ -17,8 +17,19 @@ from PIL import Image
 
 from imagegate.providers.a1111 import A1111Options, A1111Provider
 from imagegate.providers.base import ImageRequest, InputImage
-from tests.conftest import (NO_BREAKER, PIL_FORMAT, Gateway, StartGateway, b64, base_config, decode, expect_error,
-                            png_bytes, sdk, serve_gateway)
+from tests.conftest import (
+    NO_BREAKER,
+    PIL_FORMAT,
+    Gateway,
+    StartGateway,
+    b64,
+    base_config,
+    decode,
+    expect_error,
+    png_bytes,
+    sdk,
+    serve_gateway,
+)
 from tests.fakes.a1111_upstream import OOM, PAINT, FakeA1111, seed_color
 
 USER, PASSWORD = "gate", "a1111-pass-secret-77"

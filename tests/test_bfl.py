@@ -17,8 +17,20 @@ import pytest
 from PIL import Image
 
 from imagegate.providers.bfl import BFLProvider
-from tests.conftest import (NO_BREAKER, PIL_FORMAT, Gateway, b64, base_config, checked_error, decode, expect_error,
-                            leave_once, png_bytes, sdk, serve_gateway)
+from tests.conftest import (
+    NO_BREAKER,
+    PIL_FORMAT,
+    Gateway,
+    b64,
+    base_config,
+    checked_error,
+    decode,
+    expect_error,
+    leave_once,
+    png_bytes,
+    sdk,
+    serve_gateway,
+)
 from tests.fakes.bfl_upstream import FakeBFL
 
 BFL_KEY = "bfl_test-upstream-secret-456"

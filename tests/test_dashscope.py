@@ -19,8 +19,18 @@ from PIL import Image
 
 from imagegate.providers.base import ImageRequest, InputImage
 from imagegate.providers.dashscope import DashScopeOptions, DashScopeProvider
-from tests.conftest import (NO_BREAKER, UPSTREAM_KEY, Gateway, b64, decode, expect_error, leave_once, png_bytes, sdk,
-                            serve_gateway)
+from tests.conftest import (
+    NO_BREAKER,
+    UPSTREAM_KEY,
+    Gateway,
+    b64,
+    decode,
+    expect_error,
+    leave_once,
+    png_bytes,
+    sdk,
+    serve_gateway,
+)
 from tests.fakes.dashscope_upstream import ASYNC_PATH, SYNC_PATH, FakeDashScope
 
 WRONG_KEY = "sk-wrong-dashscope-999"
@@ -414,7 +424,7 @@ def test_pending_task_past_timeout_is_504_and_cancelled_upstream(gw: Gateway, fa
     assert time.monotonic() - started < 3
     [task] = fake.tasks.values()
     assert fake.cancels == [task.id] and task.status == "CANCELED"
-    cancel = [r for r in fake.requests if r.path.endswith("/cancel")][0]
+    cancel = next(r for r in fake.requests if r.path.endswith("/cancel"))
     assert cancel.method == "POST" and cancel.headers["authorization"] == f"Bearer {UPSTREAM_KEY}"
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
 import anyio
@@ -21,7 +21,7 @@ def _after(value: str) -> float | None:
 
 def test_retry_after_reads_seconds_and_http_dates_and_never_raises() -> None:
     assert _after("7") == 7.0 and _after("0.5") == 0.5 and _after("-3") == 0.0
-    soon = datetime.now(timezone.utc) + timedelta(seconds=30)
+    soon = datetime.now(UTC) + timedelta(seconds=30)
     assert 25 <= (_after(format_datetime(soon, usegmt=True)) or 0) <= 30
     # "-0000" parses to a naive datetime: read as GMT, not a TypeError.
     assert 25 <= (_after(soon.strftime("%a, %d %b %Y %H:%M:%S -0000")) or 0) <= 30

@@ -17,8 +17,18 @@ import openai
 import pytest
 from PIL import Image
 
-from tests.conftest import (PIL_FORMAT, UPSTREAM_KEY, Gateway, StartGateway, base_config, decode, expect_error,
-                            free_port, png_bytes, sdk)
+from tests.conftest import (
+    PIL_FORMAT,
+    UPSTREAM_KEY,
+    Gateway,
+    StartGateway,
+    base_config,
+    decode,
+    expect_error,
+    free_port,
+    png_bytes,
+    sdk,
+)
 from tests.fakes.openai_upstream import FakeOpenAI
 
 CLIENT_KEY = "test-key"  # what conftest's clients send; it must never travel upstream

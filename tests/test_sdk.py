@@ -61,7 +61,7 @@ def test_output_formats(gateway: Gateway, fmt: str) -> None:
 def test_transparent_background(gateway: Gateway) -> None:
     resp = gateway.client.images.generate(model="demo", prompt="x", size="128x128", background="transparent")
     img = decode(resp.data[0].b64_json)
-    assert img.mode == "RGBA" and img.getextrema()[3][0] < 255
+    assert img.mode == "RGBA" and img.getextrema()[3][0] < 255  # type: ignore[misc]
 
 
 def test_response_format_url_is_signed_artifact(gateway: Gateway) -> None:

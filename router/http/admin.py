@@ -9,8 +9,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from ..errors import ApiError, invalid
-from ..services import Services
 from ..money import usd_to_micros
+from ..services import Services
 from .bodies import read_object
 from .context import mark
 from .health import bearer_matches

@@ -10,11 +10,20 @@ from functools import partial
 
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
 
 from ..errors import invalid
-from ..pipeline import (Admitted, Caller, ClientGone, Generation, Inputs, Pipeline, Prepared, Reply, fingerprint,
-                        image_item, images_body)
+from ..pipeline import (
+    Caller,
+    ClientGone,
+    Generation,
+    Inputs,
+    Pipeline,
+    Prepared,
+    Reply,
+    fingerprint,
+    image_item,
+    images_body,
+)
 from ..services import Services
 from .bodies import form_inputs, media_type, read_form, read_json, read_object
 from .context import caller_of, disconnected, idempotency_key, mark
@@ -58,7 +67,8 @@ async def _serve(request: Request, services: Services, body: GenerationBody, ope
                       "Idempotency-Key")
     if prepared.stream:
         return await _stream(request, pipeline, prepared, caller)
-    reply = await pipeline.idempotent(caller, key, print_, partial(_reply, request, pipeline, prepared, caller, as_task))
+    handle = partial(_reply, request, pipeline, prepared, caller, as_task)
+    reply = await pipeline.idempotent(caller, key, print_, handle)
     return reply_response(reply)
 
 
@@ -95,19 +105,6 @@ async def _stream(request: Request, pipeline: Pipeline, prepared: Prepared, call
         return completed_stream(generation, _headers(generation))
     admitted = await pipeline.admit(prepared, caller)
     headers = {"x-imagegate-model": prepared.model_id, "x-imagegate-cost": prepared.price.header()}
-    stream = live_stream(prepared.request, headers, partial(pipeline.run, prepared, caller, admitted))
-    return _ReleaseAfter(stream, pipeline, admitted)
-
-
-class _ReleaseAfter:
-    """A live stream runs inside its response: give back what it holds once the response is over,
-    however it ended (finished, failed, client gone). A finished run has settled already."""
-
-    def __init__(self, response: Response, pipeline: Pipeline, admitted: Admitted) -> None:
-        self.response, self.pipeline, self.admitted = response, pipeline, admitted
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await self.response(scope, receive, send)
-        finally:
-            await self.pipeline.release(self.admitted)
+    # A finished run has settled already; `release` gives back what an unfinished one holds.
+    return live_stream(prepared, headers, partial(pipeline.run, prepared, caller, admitted),
+                       partial(pipeline.release, admitted))

@@ -2,44 +2,25 @@
 
 from __future__ import annotations
 
-import time
-from typing import Any
-
 from starlette.requests import Request
 from starlette.responses import Response
 
 from ..errors import invalid
 from ..pipeline import Reply, fingerprint
 from ..pipeline.inputs import decode_b64
-from ..services import Services
 from .bodies import media_type, read_form, read_json
 from .context import caller_of, idempotency_key, mark
 from .responses import JSONResponse, reply_response
 
-_STARTED = int(time.time())
-
-
-def _model_card(services: Services, model_id: str) -> dict[str, Any]:
-    router = services.router
-    model = router.model(model_id)
-    return {
-        "id": model_id, "object": "model", "created": _STARTED, "owned_by": "imagegate",
-        "aliases": model.aliases, "description": model.description,
-        "capabilities": sorted(router.capabilities(model_id)),
-        "limits": model.limits.model_dump(), "sizes": model.sizes, "default_size": model.default_size,
-        "price_per_mp": float(model.price_per_mp),
-        "routes": [{"provider": r.provider, "enabled": r.provider in router.providers} for r in model.routes],
-    }
-
 
 async def list_models(request: Request) -> Response:
-    services = mark(request, "/v1/models")
-    return JSONResponse({"object": "list", "data": [_model_card(services, m) for m in services.cfg.models]})
+    catalog = mark(request, "/v1/models").pipeline.catalog
+    return JSONResponse({"object": "list", "data": [catalog.card(m) for m in catalog.ids()]})
 
 
 async def get_model(request: Request) -> Response:
-    services = mark(request, "/v1/models/{id}")
-    return JSONResponse(_model_card(services, services.router.resolve(request.path_params["model_id"])))
+    catalog = mark(request, "/v1/models/{id}").pipeline.catalog
+    return JSONResponse(catalog.card(request.path_params["model_id"]))
 
 
 async def _upload_bytes(request: Request) -> bytes:

@@ -17,11 +17,10 @@ import anyio
 import orjson
 import pybase64
 from starlette.responses import StreamingResponse
-
-from imagegate.providers.base import ImageRequest
+from starlette.types import Receive, Scope, Send
 
 from ..errors import ApiError, internal_error
-from ..pipeline import DeliveredImage, Generation, image_item
+from ..pipeline import DeliveredImage, Generation, Prepared, image_item
 
 log = logging.getLogger("imagegate")
 Produce = Callable[[], Awaitable[Generation]]
@@ -30,22 +29,25 @@ _USAGE = {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0,
 
 
 def _sse(event: dict[str, Any]) -> bytes:
-    return b"event: " + event["type"].encode() + b"\ndata: " + orjson.dumps(event) + b"\n\n"
+    kind: str = event["type"]
+    return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(event) + b"\n\n"
 
 
-def _common(req: ImageRequest, created: int) -> dict[str, Any]:
+def _common(prepared: Prepared, created: int) -> dict[str, Any]:
+    req = prepared.request
     return {"created_at": created, "quality": req.quality or "auto", "background": req.background or "auto"}
 
 
-def _completed(kind: str, image: DeliveredImage, req: ImageRequest, created: int) -> bytes:
-    return _sse({"type": f"{kind}.completed", **image_item(image, b64_json=image.b64), **_common(req, created),
+def _completed(kind: str, image: DeliveredImage, prepared: Prepared, created: int) -> bytes:
+    return _sse({"type": f"{kind}.completed", **image_item(image, b64_json=image.b64), **_common(prepared, created),
                  "output_format": image.info.format, "size": f"{image.info.width}x{image.info.height}",
                  "usage": _USAGE})
 
 
-def _partial(kind: str, index: int, png: bytes, req: ImageRequest, created: int) -> bytes:
+def _partial(kind: str, index: int, png: bytes, prepared: Prepared, created: int) -> bytes:
     return _sse({"type": f"{kind}.partial_image", "b64_json": pybase64.b64encode(png).decode("ascii"),
-                 **_common(req, created), "output_format": "png", "size": req.size, "partial_image_index": index})
+                 **_common(prepared, created), "output_format": "png", "size": prepared.request.size,
+                 "partial_image_index": index})
 
 
 def _error(exc: ApiError) -> bytes:
@@ -56,37 +58,54 @@ def _response(events: AsyncIterator[bytes], headers: dict[str, str]) -> Streamin
     return StreamingResponse(events, media_type="text/event-stream", headers={**headers, "cache-control": "no-cache"})
 
 
-def _kind(req: ImageRequest) -> str:
-    return "image_generation" if req.operation == "generate" else "image_edit"
+def _kind(prepared: Prepared) -> str:
+    return "image_generation" if prepared.request.operation == "generate" else "image_edit"
 
 
 def completed_stream(generation: Generation, headers: dict[str, str]) -> StreamingResponse:
-    req = generation.prepared.request
-    kind, created = _kind(req), int(time.time())
+    prepared = generation.prepared
+    kind, created = _kind(prepared), int(time.time())
 
     async def events() -> AsyncIterator[bytes]:
         for image in generation.images:
-            yield _completed(kind, image, req, created)
+            yield _completed(kind, image, prepared, created)
 
     return _response(events(), headers)
 
 
-def live_stream(req: ImageRequest, headers: dict[str, str], produce: Produce) -> StreamingResponse:
+class _ClosingStream(StreamingResponse):
+    """Runs `closed` once the response is over, however it ended (finished, failed, client gone)."""
+
+    def __init__(self, events: AsyncIterator[bytes], headers: dict[str, str],
+                 closed: Callable[[], Awaitable[None]]) -> None:
+        super().__init__(events, media_type="text/event-stream", headers={**headers, "cache-control": "no-cache"})
+        self.closed = closed
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.closed()
+
+
+def live_stream(prepared: Prepared, headers: dict[str, str], produce: Produce,
+                closed: Callable[[], Awaitable[None]]) -> StreamingResponse:
     """Run `produce` while streaming the previews it reports; then the completed images, or an error.
+    `closed` runs once the response is over, however it ended.
 
     The generation runs inside the response: a client that disconnects cancels it (Starlette stops
     the iterator), and the provider's cancellation stops the GPU at the next step.
     """
-    kind, created = _kind(req), int(time.time())
+    kind, created = _kind(prepared), int(time.time())
     send, receive = anyio.create_memory_object_stream[bytes](max_buffer_size=16)
 
     def on_partial(index: int, png: bytes) -> None:
         try:
-            send.send_nowait(_partial(kind, index, png, req, created))
+            send.send_nowait(_partial(kind, index, png, prepared, created))
         except (anyio.WouldBlock, anyio.ClosedResourceError, anyio.BrokenResourceError):
             pass  # a slow reader misses a preview rather than slowing the GPU
 
-    req.on_partial = on_partial
+    prepared.request.on_partial = on_partial
 
     async def run() -> None:
         async with send:
@@ -100,7 +119,7 @@ def live_stream(req: ImageRequest, headers: dict[str, str], produce: Produce) ->
                 await send.send(_error(internal_error()))
                 return
             for image in generation.images:
-                await send.send(_completed(kind, image, req, created))
+                await send.send(_completed(kind, image, prepared, created))
 
     async def events() -> AsyncIterator[bytes]:
         async with anyio.create_task_group() as tg, receive:
@@ -108,4 +127,4 @@ def live_stream(req: ImageRequest, headers: dict[str, str], produce: Produce) ->
             async for chunk in receive:
                 yield chunk
 
-    return _response(events(), headers)
+    return _ClosingStream(events(), headers, closed)

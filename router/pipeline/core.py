@@ -23,6 +23,7 @@ from .accounts import Accounts
 from .admission import Admission
 from .asks import ImageAsk, Inputs
 from .caller import Caller
+from .catalog import Catalog
 from .delivery import Delivery, Gone
 from .drain import Drain
 from .idempotency import Idempotency, Reply
@@ -46,6 +47,7 @@ class Pipeline:
         self.idempotency = Idempotency(store, server.request_timeout_s, cfg.state.idempotency_hours)
         self.tasks = TaskRunner(cfg, store, artifacts, self.delivery, self.drain, metrics)
         self.accounts = Accounts(store, router)
+        self.catalog = Catalog(router)
         # URL inputs are fetched before routing: a refused one costs no upstream call and stores nothing.
         self.fetch = Policy.of(cfg.inputs) if cfg.inputs.url_fetch else None
 

@@ -74,7 +74,8 @@ def nearest_size(ratio: float, pixels: int, model: ModelConfig) -> tuple[int, in
     """The legal size with this aspect ratio closest to `pixels` in area."""
     if model.sizes:
         parsed = [parse_size(s) for s in model.sizes]
-        return min((s for s in parsed if s), key=lambda s: (abs(math.log(s[0] / s[1] / ratio)), abs(s[0] * s[1] - pixels)))
+        return min((s for s in parsed if s),
+                   key=lambda s: (abs(math.log(s[0] / s[1] / ratio)), abs(s[0] * s[1] - pixels)))
     h = math.sqrt(pixels / ratio)
     return _snap(h * ratio, model), _snap(h, model)
 

@@ -64,11 +64,13 @@ class RouteCaller:
             ceiling = min(retry.max_backoff_s, retry.backoff_s * 2 ** (state.attempt_number - 1))
             return max(hinted, random.uniform(0, ceiling))  # full jitter, but never before Retry-After
 
-        def out_of_time(state: RetryCallState) -> bool:
-            # Sleeping into the deadline helps no one: fall back to the next route instead.
-            return anyio.current_time() + (state.upcoming_sleep or 0) >= deadline
+        attempts = stop_after_attempt(retry.attempts)
 
-        retrying = AsyncRetrying(stop=stop_after_attempt(retry.attempts) | out_of_time,
+        def stop(state: RetryCallState) -> bool:
+            # Sleeping into the deadline helps no one: fall back to the next route instead.
+            return attempts(state) or anyio.current_time() + (state.upcoming_sleep or 0) >= deadline
+
+        retrying = AsyncRetrying(stop=stop,
                                  retry=retry_if_exception(retryable), wait=wait, reraise=True,
                                  before_sleep=lambda _: self.metrics.retries.labels(self.name).inc())
         async for attempt in retrying:

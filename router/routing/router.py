@@ -16,10 +16,10 @@ import anyio
 
 from imagegate.providers.base import ImageRequest, Provider, ProviderResult, UpstreamError
 
-from .attempts import RouteCaller, Trail
 from ..config import Config, ModelConfig, RetryConfig
 from ..errors import ApiError
 from ..metrics import Metrics
+from .attempts import RouteCaller, Trail
 from .resilience import CircuitBreaker, Health, Latency, Limiter, LimiterFull
 
 log = logging.getLogger("imagegate")

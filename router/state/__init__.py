@@ -6,7 +6,7 @@ from .records import InsufficientCredit, KeyNotFound, KeyRecord, LedgerEntry, Re
 from .replays import Claim
 from .store import Store, open_store
 
-open = open_store  # noqa: A001 - the interface is `state.open(url)`; the builtin is not used here
+open = open_store
 
 __all__ = ["Claim", "InsufficientCredit", "KeyNotFound", "KeyRecord", "LedgerEntry", "Replay", "StateError",
            "Store", "TaskRecord", "format_usd", "open", "open_store", "usd_to_micros"]

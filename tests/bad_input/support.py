@@ -16,7 +16,8 @@ import pytest
 from openai.types import ImagesResponse
 from PIL import Image
 
-from tests.conftest import UPSTREAM_KEY, Gateway, b64, png_bytes
+from tests.conftest import UPSTREAM_KEY, Gateway, png_bytes
+from tests.conftest import b64 as b64  # for the test modules that import it from here
 from tests.fakes.openai_upstream import FakeOpenAI
 
 GENERATIONS, EDITS = "/v1/images/generations", "/v1/images/edits"

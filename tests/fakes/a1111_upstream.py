@@ -73,7 +73,7 @@ def a1111_error(status: int, detail: str, errors: str | None = None, *, sdnext: 
 
 def edit_mask(mask_b64: str, size: tuple[int, int]) -> Image.Image:
     """A1111's create_binary_mask: the alpha channel when it is not all opaque, else grayscale; >128 = edit."""
-    mask = Image.open(io.BytesIO(base64.b64decode(mask_b64)))
+    mask: Image.Image = Image.open(io.BytesIO(base64.b64decode(mask_b64)))
     if mask.mode == "RGBA" and mask.getextrema()[-1] != (255, 255):
         mask = mask.getchannel("A")
     mask = mask.convert("L").resize(size, Image.Resampling.NEAREST)
@@ -271,7 +271,7 @@ class FakeA1111(FakeUpstream):
             init = Image.open(io.BytesIO(base64.b64decode(body["init_images"][0], validate=True))).convert("RGB")
             size = (body.get("width", 512), body.get("height", 512))
             mask = edit_mask(body["mask"], size) if body.get("mask") else None
-        except Exception:  # noqa: BLE001 - A1111 answers any decoding failure the same way
+        except Exception:
             return a1111_error(500, "Invalid encoded image")
 
         def make(width: int, height: int, seed: int) -> bytes:

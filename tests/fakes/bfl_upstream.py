@@ -1,6 +1,6 @@
 """A fake Black Forest Labs API: `POST /v1/<model>`, `GET /v1/get_result?id=…`, signed delivery URLs.
 
-It follows the documented API (providers.md §3): `x-key` auth (401 `{"detail": "Not authenticated"}`),
+It follows the documented API (docs/providers.md §3): `x-key` auth (401 `{"detail": "Not authenticated"}`),
 per-family request validation with FastAPI 422 bodies, `{id, polling_url, cost, input_mp, output_mp}`
 answers, tasks that stay `Pending` for some polls and then end `Ready` with `result.sample`, a signed
 URL that expires (403 with an Azure-style XML body, as BFL's delivery storage answers). Images are real

@@ -16,7 +16,7 @@ class ServerThread:
     def __init__(self, app: Any, *, host: str = "127.0.0.1", port: int = 0, **uvicorn_options: Any) -> None:
         options = {"log_level": "warning", "lifespan": "on", "access_log": False, **uvicorn_options}
         self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, **options))
-        self.server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        self.server.install_signal_handlers = lambda: None  # type: ignore[attr-defined]
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.host = host
         self.port = port

@@ -3,7 +3,7 @@
 The key mapping is the inverse of the one diffusers applies when it reads such a file
 (`diffusers.loaders.single_file_utils.convert_ldm_*`); `test_single_file_keys_round_trip` checks it
 against that code. Text-encoder keys get the real-world `cond_stage_model.transformer.text_model.`
-prefix: transformers 5 state dicts lack `text_model.`, and diffusers detects CLIP by it (docs: §3.5).
+prefix: transformers 5 state dicts lack `text_model.`, and diffusers detects CLIP by it (docs/local-diffusers.md §3.5).
 """
 
 from __future__ import annotations

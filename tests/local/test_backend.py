@@ -145,7 +145,7 @@ def test_a_single_file_checkpoint_loads_offline_with_a_config_dir(worker, models
     assert from_file.images == from_dir.images  # the same weights, converted from the LDM layout
     assert load_pipeline(replace(spec, dtype="bfloat16"), "cpu").base.unet.dtype == torch.bfloat16
     no_config = ModelSpec(name="sd15-file-alone", family="sd15", path=models.single_file)
-    with pytest.raises(ModelLoadError, match="sd15-file-alone.*config_dir"):
+    with pytest.raises(ModelLoadError, match=r"sd15-file-alone.*config_dir"):
         run(worker.run(make_job(no_config)))
 
 

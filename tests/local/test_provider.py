@@ -19,8 +19,7 @@ import openai
 import pytest
 import yaml
 
-from tests.conftest import (Gateway, base_config, decode, free_port, png_bytes, sdk, serve_gateway,
-                            wait_until_healthy)
+from tests.conftest import Gateway, base_config, decode, free_port, png_bytes, sdk, serve_gateway, wait_until_healthy
 from tests.local.tiny import save_family
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -67,7 +66,7 @@ def pixels(b64_json: str) -> bytes:
 def same_image(a: str, b: str, tolerance: int = 2) -> bool:
     """Equal up to rounding: a batched image matches its single run to ~1e-6 before 8-bit rounding."""
     pa, pb = pixels(a), pixels(b)
-    return len(pa) == len(pb) and max(abs(x - y) for x, y in zip(pa, pb)) <= tolerance
+    return len(pa) == len(pb) and max(abs(x - y) for x, y in zip(pa, pb, strict=True)) <= tolerance
 
 
 def test_generation_is_deterministic_per_seed(gw: Gateway) -> None:

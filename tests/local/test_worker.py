@@ -13,10 +13,11 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
+from imagegate.local_backend.cache import GIB
 from imagegate.local_backend.jobs import JobCancelled, ModelLoadError, ModelSpec, OutOfMemory, QueueFull
 from imagegate.local_backend.metrics import BackendMetrics
 from imagegate.local_backend.pipelines import estimate_bytes
-from imagegate.local_backend.worker import GIB, DeviceWorker
+from imagegate.local_backend.worker import DeviceWorker
 from tests.local.support import SIDE, Blocker, make_job, source_png
 
 run = asyncio.run

@@ -3,7 +3,7 @@
 Tokenizers are made in memory (transformers 5 takes a vocab directly), models from small configs
 with real latent channel counts (4 for SD, 16 for Flux/Qwen) so the preview code meets the real
 shapes. `save_pretrained` then writes a diffusers directory that the backend loads back through
-its own loading code. See docs: local-diffusers.md §3.1–3.5.
+its own loading code. See docs/local-diffusers.md §3.1–3.5.
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ def build_flux() -> Any:
                                          pooled_projection_dim=CLIP_WIDTH, axes_dims_rope=(4, 4, 8))
     t5 = T5EncoderModel(T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
                                  relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
-                                 decoder_start_token_id=0)).eval()
+                                 decoder_start_token_id=0)).eval()  # type: ignore[call-arg]
     vae = sd_vae(latent_channels=16, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609,
                  scaling_factor=1.5035)
     return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=clip_text_encoder(),
@@ -126,8 +126,12 @@ def build_flux() -> Any:
 
 
 def build_qwen() -> Any:
-    from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline,
-                           QwenImageTransformer2DModel)
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     torch.manual_seed(0)
@@ -143,7 +147,7 @@ def build_qwen() -> Any:
                      "eos_token_id": 0,
                      "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"}},
         vision_config={"depth": 2, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": 16},
-        vocab_size=512, bos_token_id=0, eos_token_id=0)
+        vocab_size=512, bos_token_id=0, eos_token_id=0)  # type: ignore[call-arg]
     text_encoder = Qwen2_5_VLForConditionalGeneration(config).eval()
     return QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder,
                              tokenizer=qwen_tokenizer(), transformer=transformer)

@@ -27,8 +27,8 @@ ADMIN = "admin-secret-for-tests"
 
 async def _sum(store: Store, key_id: str) -> int:
     async with store.engine.connect() as conn:
-        return (await conn.execute(sa.select(sa.func.coalesce(sa.func.sum(schema.ledger.c.amount_micros), 0))
-                                   .where(schema.ledger.c.key_id == key_id))).scalar()
+        return int((await conn.execute(sa.select(sa.func.coalesce(sa.func.sum(schema.ledger.c.amount_micros), 0))
+                                       .where(schema.ledger.c.key_id == key_id))).scalar_one())
 
 
 def test_hold_settle_release_arithmetic(backend: Backend) -> None:
@@ -81,7 +81,7 @@ def test_stale_holds_released_on_start(backend: Backend) -> None:
             await conn.execute(schema.holds.update().where(schema.holds.c.id == old)
                                .values(created_at=time.time() - 3600))
         return key.id, old, fresh
-    key_id, old, fresh = run(backend, place)
+    key_id, _old, fresh = run(backend, place)
 
     async def restart(store: Store) -> None:
         assert await store.release_stale_holds(600) == 1

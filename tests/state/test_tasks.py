@@ -17,9 +17,21 @@ from openai import OpenAI
 
 from tests.conftest import UPSTREAM_KEY, Gateway, StartGateway, base_config, decode, png_bytes
 from tests.fakes.openai_upstream import FakeOpenAI
-from tests.state.tasks_support import (ADMIN, ServeProcess, accepted, bearer, get_task, held_holds, make_key,
-                                       metric, poll, submit, usage, wait_for)
 from tests.state.conftest import pg_database
+from tests.state.tasks_support import (
+    ADMIN,
+    ServeProcess,
+    accepted,
+    bearer,
+    get_task,
+    held_holds,
+    make_key,
+    metric,
+    poll,
+    submit,
+    usage,
+    wait_for,
+)
 
 LEASE_S = 1.5
 # remote, 512x512, n=1: 0.262144 MP × 0.02 USD = 5_242.88 → 5_243 micros (as tests/state/test_billing.py).

@@ -1,0 +1,33 @@
+"""The configured models as clients see them: what each can do, its limits, price and routes."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from ..routing import ModelRouter
+
+_STARTED = int(time.time())
+
+
+class Catalog:
+    def __init__(self, router: ModelRouter) -> None:
+        self.router = router
+
+    def ids(self) -> list[str]:
+        return list(self.router.routes)
+
+    def card(self, name: str) -> dict[str, Any]:
+        """The model a name or alias resolves to (404 for an unknown one), in OpenAI's model shape
+        plus capabilities, limits, sizes, price and its routes' providers (never their secrets)."""
+        router = self.router
+        model_id = router.resolve(name)
+        model = router.model(model_id)
+        return {
+            "id": model_id, "object": "model", "created": _STARTED, "owned_by": "imagegate",
+            "aliases": model.aliases, "description": model.description,
+            "capabilities": sorted(router.capabilities(model_id)),
+            "limits": model.limits.model_dump(), "sizes": model.sizes, "default_size": model.default_size,
+            "price_per_mp": float(model.price_per_mp),
+            "routes": [{"provider": r.provider, "enabled": r.provider in router.providers} for r in model.routes],
+        }
