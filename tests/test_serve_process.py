@@ -1,6 +1,6 @@
 """`imagegate serve` as a real process: SIGTERM drains gracefully; several workers share metrics.
 
-The gateway runs as a child process (`python -m router.cli serve`) on a free 127.0.0.1 port, in front
+The gateway runs as a child process (`python -m imagegate serve`) on a free 127.0.0.1 port, in front
 of a fake OpenAI upstream served from this test process.
 """
 
@@ -28,7 +28,6 @@ from tests.fakes.openai_upstream import FakeOpenAI
 ROOT = Path(__file__).resolve().parent.parent
 # uvicorn re-raises the signal after its graceful shutdown, so the exit status says "SIGTERM".
 EXITED_ON_SIGTERM = (0, -signal.SIGTERM)
-
 
 
 class ServeProcess:
@@ -98,9 +97,12 @@ def wait_until(check: Any, what: str, timeout: float = 20) -> None:
 
 
 def refuses_connections(url: str) -> bool:
+    """Whether a new connection goes unanswered: refused, or (accepted by the kernel while the
+    listener was closing) dropped before any response, which httpx reports as a protocol or read
+    error rather than a connect error."""
     try:
         httpx.get(f"{url}/healthz", timeout=2)
-    except httpx.ConnectError:
+    except httpx.TransportError:
         return True
     return False
 
