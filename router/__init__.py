@@ -1,1 +1,1 @@
-"""The HTTP surface of imagegate: validation, routing, output normalization, metrics, CLI."""
+"""The gateway: HTTP surfaces over one request pipeline, over routing and state (docs/architecture.md)."""

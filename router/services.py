@@ -46,9 +46,6 @@ class Services:
     def accounts(self) -> Accounts:
         return self.pipeline.accounts
 
-    def secrets(self) -> list[str]:
-        return [s for p in self.all_providers.values() for s in p.secrets() if s]
-
     async def readiness(self) -> dict[str, Any]:
         """Ready when the config is loaded, the state store answers, artifacts can be stored, some
         route's circuit is not open, and the gateway is not draining."""

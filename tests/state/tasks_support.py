@@ -125,7 +125,7 @@ def held_holds(url: str) -> int:
 # -- `imagegate serve` as a real process ---------------------------------------------------------
 
 class ServeProcess:
-    """`python -m router.cli serve` on `cfg` (written to a file), in a session of its own; its log to a file."""
+    """`python -m imagegate serve` on `cfg` (written to a file), in a session of its own; its log to a file."""
 
     def __init__(self, tmp_path: Path, cfg: dict[str, Any], name: str) -> None:
         path = tmp_path / f"{name}.yaml"
