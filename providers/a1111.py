@@ -148,7 +148,8 @@ class A1111Provider(HTTPProvider):
     # -- the call --------------------------------------------------------------------------------
     async def run(self, request: ImageRequest) -> ProviderResult:
         route = self._route_options(request)
-        sampler = route.sampler or self.options.sampler
+        # A sampler the client named (the A1111 surface passes it on) wins over the configured ones.
+        sampler = request.tuning.get("sampler") or route.sampler or self.options.sampler
         if self.options.check_names:
             await self._check_names(request.upstream_model, sampler)
         payload = self._payload(request, route, sampler)
@@ -175,7 +176,7 @@ class A1111Provider(HTTPProvider):
             "cfg_scale": request.guidance_scale if request.guidance_scale is not None else opts.cfg_scale,
             "sampler_name": sampler,
         }
-        scheduler = route.scheduler or opts.scheduler
+        scheduler = request.tuning.get("scheduler") or route.scheduler or opts.scheduler
         if scheduler:
             payload["scheduler"] = scheduler
         if request.operation == "edit":
@@ -199,15 +200,17 @@ class A1111Provider(HTTPProvider):
         strength = request.strength if request.strength is not None else opts.denoising_strength
         fields: dict[str, Any] = {
             "init_images": [base64.b64encode(request.images[0].data).decode()],
-            "denoising_strength": strength, "resize_mode": 0,  # 0 = just resize to width x height
+            # 0 = just resize to width x height, unless the client (an A1111 one) chose.
+            "denoising_strength": strength, "resize_mode": request.tuning.get("resize_mode", 0),
         }
         if request.mask is not None:
+            inpaint = {"inpainting_fill": opts.inpainting_fill, "inpaint_full_res": opts.inpaint_full_res,
+                       "inpaint_full_res_padding": opts.inpaint_full_res_padding, "mask_blur": opts.mask_blur}
             fields.update({
                 # OpenAI: transparent = edit; A1111: white = edit (or opaque alpha, so never send alpha).
                 "mask": base64.b64encode(white_edit_mask(request.mask.data)).decode(),
-                "inpainting_mask_invert": 0, "inpainting_fill": opts.inpainting_fill,
-                "inpaint_full_res": opts.inpaint_full_res,
-                "inpaint_full_res_padding": opts.inpaint_full_res_padding, "mask_blur": opts.mask_blur,
+                "inpainting_mask_invert": 0,
+                **{name: request.tuning.get(name, default) for name, default in inpaint.items()},
             })
         return fields
 

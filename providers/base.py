@@ -54,6 +54,10 @@ class ImageRequest:
     strength: float | None = None
     # OpenAI fields some upstreams understand (user, safety_identifier, moderation, style, input_fidelity).
     hints: dict[str, Any] = field(default_factory=dict)
+    # Sampler, scheduler and inpainting choices (A1111's names: sampler, scheduler, mask_blur,
+    # inpainting_fill, inpaint_full_res, inpaint_full_res_padding, resize_mode): the kinds that can
+    # honour them do, the others ignore them.
+    tuning: dict[str, Any] = field(default_factory=dict)
     # Fields the client sent that the model's config lets through to the upstream as they are.
     extra: dict[str, Any] = field(default_factory=dict)
     # Per-route options from the YAML route entry (family, sampler, …), opaque to the router.

@@ -140,3 +140,20 @@ def white_edit_mask(mask: bytes) -> bytes:
     """
     alpha = open_image(mask).convert("RGBA").getchannel("A")
     return encode(alpha.point(lambda a: 255 if a < 128 else 0), "png", png_level=1)
+
+
+def transparent_edit_mask(mask: bytes, size: tuple[int, int], *, invert: bool = False) -> bytes:
+    """An A1111 mask (white = edit; or, when it has real transparency, opaque = edit) as OpenAI's
+    (transparent = edit), at `size`. `invert` is A1111's `inpainting_mask_invert`. As A1111's own
+    create_binary_mask: over half counts as edit."""
+    image = open_image(mask)
+    if image.mode in ("RGBA", "LA") and image.getchannel("A").getextrema() != (255, 255):
+        level = image.getchannel("A")
+    else:
+        level = image.convert("L")
+    if level.size != size:
+        level = level.resize(size, Image.Resampling.NEAREST)
+    edit = level.point(lambda v: 255 if (v > 128) != invert else 0)
+    out = Image.new("RGBA", size, (0, 0, 0, 255))
+    out.putalpha(edit.point(lambda v: 0 if v else 255))
+    return encode(out, "png", png_level=1)

@@ -16,9 +16,9 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.routing import Route
 
-from .config import Config, load
+from .config import Config, SurfacesConfig, load
 from .errors import ApiError
-from .http import admin, health, openai_images, openai_resources, task_views
+from .http import a1111, admin, health, openai_images, openai_resources, task_views
 from .http.auth import AuthMiddleware
 from .http.middleware import GatewayMiddleware
 from .http.responses import api_error_handler, http_error_handler
@@ -26,7 +26,7 @@ from .metrics import Metrics
 from .pipeline.drain import Drain
 from .services import open_services
 
-ROUTES = [
+OPENAI = [
     Route("/v1/images/generations", openai_images.generations, methods=["POST"]),
     Route("/v1/images/edits", openai_images.edits, methods=["POST"]),
     Route("/v1/models", openai_resources.list_models, methods=["GET"]),
@@ -36,6 +36,8 @@ ROUTES = [
     Route("/v1/artifacts/{artifact_id}/content", openai_resources.artifact_content, methods=["GET"]),
     Route("/v1/tasks/{task_id}", task_views.get_task, methods=["GET"]),
     Route("/v1/tasks/{task_id}/cancel", task_views.cancel_task, methods=["POST"]),
+]
+OPERATIONS = [
     Route("/healthz", health.healthz, methods=["GET"]),
     Route("/readyz", health.readyz, methods=["GET"]),
     Route("/metrics", health.metrics, methods=["GET"]),
@@ -45,6 +47,11 @@ ROUTES = [
     Route("/admin/keys/{key_id}/revoke", admin.revoke_key, methods=["POST"]),
     Route("/admin/keys/{key_id}/topup", admin.topup_key, methods=["POST"]),
 ]
+
+
+def routes(surfaces: SurfacesConfig) -> list[Route]:
+    """The route table: the surfaces the config turns on, and the operator's endpoints."""
+    return [*(OPENAI if surfaces.openai else []), *(a1111.routes() if surfaces.a1111 else []), *OPERATIONS]
 
 
 def create_app(cfg: Config) -> Starlette:
@@ -60,7 +67,7 @@ def create_app(cfg: Config) -> Starlette:
 
     max_body = int(cfg.server.max_body_mb * 1024 * 1024)
     return Starlette(
-        routes=ROUTES,
+        routes=routes(cfg.surfaces),
         # Outermost first: the request id and body limit wrap the key check, so its 401s carry the id.
         middleware=[Middleware(GatewayMiddleware, max_body=max_body, metrics=metrics if cfg.metrics.enabled else None),
                     Middleware(AuthMiddleware)],

@@ -93,6 +93,13 @@ class InputsConfig(_Strict):
     allow_private: bool = False
 
 
+class SurfacesConfig(_Strict):
+    """Which ways in are served (docs/architecture.md, "Adding a surface")."""
+
+    openai: bool = True  # /v1
+    a1111: bool = True  # /sdapi/v1 and /v2/automatic1111/sdapi/v1
+
+
 class AutoConfig(_Strict):
     policy: Literal["priority", "cheapest", "fastest", "least_busy"] = "priority"
     candidates: list[str] = Field(default_factory=list)
@@ -195,6 +202,7 @@ class Config(_Strict):
     auto: AutoConfig = Field(default_factory=AutoConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     inputs: InputsConfig = Field(default_factory=InputsConfig)
+    surfaces: SurfacesConfig = Field(default_factory=SurfacesConfig)
     # Where the file came from, for relative paths and messages; not a YAML key.
     source: str = Field(default="", exclude=True)
     # (path, NAME) of each `${NAME}` that was unset and had no default.

@@ -1,4 +1,6 @@
-"""API keys on `/v1`: with `auth.enabled`, every call there needs `Authorization: Bearer ig_…`.
+"""API keys: with `auth.enabled`, every call to `/v1` needs `Authorization: Bearer ig_…`, and every
+call to the AUTOMATIC1111 surface the same, or HTTP Basic with the key as the password (A1111's
+`--api-auth`; the user name is not read).
 
 A pure ASGI middleware (inside GatewayMiddleware, so refusals carry the request id). The key it
 finds is left in `request.state.api_key`, where `context.caller_of` reads it: the model check
@@ -7,6 +9,8 @@ finds is left in `request.state.api_key`, where `context.caller_of` reads it: th
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 from urllib.parse import parse_qs
 
@@ -15,6 +19,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from ..errors import ApiError
 from ..pipeline import KeyRecord
 from ..services import Services
+from .a1111_errors import speaks_a1111
 from .responses import error_response
 
 # A signed artifact URL is its own credential (HMAC, expiring): it is meant to work without a key.
@@ -32,7 +37,7 @@ class AuthMiddleware:
                 try:
                     key = await _authenticate(services, scope)
                 except ApiError as exc:
-                    await error_response(exc)(scope, receive, send)
+                    await error_response(exc, scope["path"])(scope, receive, send)
                     return
                 scope.setdefault("state", {})["api_key"] = key
         await self.app(scope, receive, send)
@@ -40,6 +45,8 @@ class AuthMiddleware:
 
 def _guarded(scope: Scope) -> bool:
     path: str = scope["path"]
+    if speaks_a1111(path):
+        return True
     if not (path == "/v1" or path.startswith("/v1/")):
         return False  # /healthz, /readyz, /metrics and /admin have their own rules
     return not (_SIGNED_ARTIFACT.match(path) and signed(scope.get("query_string", b"")))
@@ -52,17 +59,34 @@ def signed(query_string: bytes) -> bool:
     return "expires" in params and "signature" in params
 
 
+def _secret(scope: Scope) -> str | None:
+    """The key a request carries: a bearer token, or (A1111 surface) a Basic password."""
+    header: str = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
+    if scheme.lower() == "basic" and speaks_a1111(scope["path"]):
+        try:
+            _, _, password = base64.b64decode(value.strip(), validate=True).decode("utf-8").partition(":")
+        except (binascii.Error, UnicodeDecodeError):
+            return None
+        return password or None
+    return None
+
+
 async def _authenticate(services: Services, scope: Scope) -> KeyRecord:
-    header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
-    scheme, _, secret = header.partition(" ")
-    if scheme.lower() != "bearer" or not secret.strip():
-        raise _unauthorized("no API key: send `Authorization: Bearer <key>`")
-    key = await services.accounts.authenticate(secret.strip())
+    secret = _secret(scope)
+    if secret is None:
+        raise _unauthorized(scope, "no API key: send `Authorization: Bearer <key>`")
+    key = await services.accounts.authenticate(secret)
     if key is None:
         # One message for unknown, malformed and revoked keys: which one it was is not the caller's business.
-        raise _unauthorized("incorrect or revoked API key")
+        raise _unauthorized(scope, "incorrect or revoked API key")
     return key
 
 
-def _unauthorized(message: str) -> ApiError:
+def _unauthorized(scope: Scope, message: str) -> ApiError:
+    if speaks_a1111(scope["path"]):
+        return ApiError(401, message + " (or HTTP Basic with the key as the password)", code="invalid_api_key",
+                        headers={"www-authenticate": 'Basic realm="imagegate"'})
     return ApiError(401, message, code="invalid_api_key", headers={"www-authenticate": "Bearer"})

@@ -45,14 +45,14 @@ class GatewayMiddleware:
         declared = dict(scope["headers"]).get(b"content-length", b"")
         try:
             if declared.isdigit() and int(declared) > self.max_body:
-                await error_response(_too_large(self.max_body))(scope, receive, send_with_id)
+                await error_response(_too_large(self.max_body), scope["path"])(scope, receive, send_with_id)
             else:
                 await self.app(scope, self._limited(receive), send_with_id)
         except Exception:
             # Last resort: log the trace, answer an OpenAI-shaped 500 that carries the request id.
             log.exception("unhandled error (request %s)", state["request_id"])
             if not response_started:
-                await error_response(internal_error())(scope, receive, send_with_id)
+                await error_response(internal_error(), scope["path"])(scope, receive, send_with_id)
         if self.metrics is not None:
             endpoint = state.get("endpoint")
             if endpoint:

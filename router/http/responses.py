@@ -11,6 +11,7 @@ from starlette.responses import Response
 
 from ..errors import ApiError
 from ..pipeline import Reply
+from .a1111_errors import a1111_error_response, speaks_a1111
 
 
 class JSONResponse(Response):
@@ -22,7 +23,10 @@ class JSONResponse(Response):
         return orjson.dumps(content)
 
 
-def error_response(exc: ApiError) -> Response:
+def error_response(exc: ApiError, path: str = "") -> Response:
+    """The error in the shape of the surface `path` belongs to (OpenAI's unless another's)."""
+    if speaks_a1111(path):
+        return a1111_error_response(exc)
     return Response(exc.body(), status_code=exc.status, headers=exc.headers, media_type="application/json")
 
 
@@ -32,11 +36,12 @@ def reply_response(reply: Reply) -> Response:
 
 async def api_error_handler(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
-    return error_response(exc)
+    return error_response(exc, request.url.path)
 
 
 async def http_error_handler(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
     # Keep Starlette's headers: a 405 must say which methods are allowed (`Allow`).
-    return error_response(ApiError(exc.status_code, str(exc.detail), code=code, headers=dict(exc.headers or {})))
+    error = ApiError(exc.status_code, str(exc.detail), code=code, headers=dict(exc.headers or {}))
+    return error_response(error, request.url.path)

@@ -13,10 +13,11 @@ from .delivery import ClientGone, Gone
 from .idempotency import Reply, fingerprint
 from .normalize import DeliveredImage
 from .pricing import MICRO, Price
+from .progress import Interrupted, RunningJob
 from .results import Generation, image_item, images_body
 from .settlement import Admitted
 from .validation import Prepared
 
 __all__ = ["MICRO", "Admitted", "Artifact", "Caller", "ClientGone", "DeliveredImage", "Generation", "Gone",
-           "ImageAsk", "Inputs", "KeyRecord", "Pipeline", "Prepared", "Price", "Reply", "TaskRecord",
-           "fingerprint", "image_item", "images_body"]
+           "ImageAsk", "Inputs", "Interrupted", "KeyRecord", "Pipeline", "Prepared", "Price", "Reply",
+           "RunningJob", "TaskRecord", "fingerprint", "image_item", "images_body"]

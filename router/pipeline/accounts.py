@@ -34,6 +34,13 @@ class Accounts:
         return {"object": "usage", "key_id": key_id, "balance_micros": record.balance_micros,
                 "balance": format_usd(record.balance_micros), "ledger": [e.public() for e in entries]}
 
+    async def preferences(self, caller: Caller) -> dict[str, str]:
+        """What the caller chose to keep (its A1111 checkpoint, say); gateway-wide with auth off."""
+        return await self.store.preferences(caller.owner or "-")
+
+    async def prefer(self, caller: Caller, name: str, value: str) -> None:
+        await self.store.set_preference(caller.owner or "-", name, value)
+
     def model_ids(self, names: Sequence[str]) -> list[str]:
         """Aliases are stored as the model ids they name: the check at request time sees resolved ids."""
         try:

@@ -34,6 +34,10 @@ class ImageAsk:
     partial_images: int = 0
     # Fields some upstreams understand (user, safety_identifier, moderation, style, input_fidelity).
     hints: dict[str, Any] = field(default_factory=dict)
+    # Sampler and inpainting choices in A1111's names (see ImageRequest.tuning).
+    tuning: dict[str, Any] = field(default_factory=dict)
+    # Previews to make even without a stream (the A1111 surface's /progress shows the latest).
+    previews: int = 0
     # Fields the surface does not know: a 400 unless the model passes them through.
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -17,6 +17,17 @@ class Catalog:
     def ids(self) -> list[str]:
         return list(self.router.routes)
 
+    def generating(self) -> list[str]:
+        """The models that can make images from a prompt (the others only edit)."""
+        return [m for m in self.ids() if "generate" in self.router.capabilities(m)]
+
+    def resolve(self, name: str) -> str:
+        """The model id a name or alias stands for; 404 for an unknown one."""
+        return self.router.resolve(name)
+
+    def knows(self, name: str) -> bool:
+        return name in self.router.names
+
     def card(self, name: str) -> dict[str, Any]:
         """The model a name or alias resolves to (404 for an unknown one), in OpenAI's model shape
         plus capabilities, limits, sizes, price and its routes' providers (never their secrets)."""

@@ -24,10 +24,11 @@ from .admission import Admission
 from .asks import ImageAsk, Inputs
 from .caller import Caller
 from .catalog import Catalog
-from .delivery import Delivery, Gone
+from .delivery import ClientGone, Delivery, Gone
 from .drain import Drain
 from .idempotency import Idempotency, Reply
-from .inputs import check_image, json_inputs
+from .inputs import check_image, json_inputs, resolve_reference, white_mask
+from .progress import Interrupted, JobBoard
 from .results import Generation
 from .selection import choose
 from .settlement import Admitted, settle
@@ -48,6 +49,7 @@ class Pipeline:
         self.tasks = TaskRunner(cfg, store, artifacts, self.delivery, self.drain, metrics)
         self.accounts = Accounts(store, router)
         self.catalog = Catalog(router)
+        self.jobs = JobBoard()
         # URL inputs are fetched before routing: a refused one costs no upstream call and stores nothing.
         self.fetch = Policy.of(cfg.inputs) if cfg.inputs.url_fetch else None
 
@@ -64,8 +66,17 @@ class Pipeline:
         """`image`/`images`/`mask` references of a JSON body, resolved and checked (removed from it)."""
         return await json_inputs(body, self.artifacts, self.cfg.server.max_image_pixels, self.fetch, caller.owner)
 
+    async def input_image(self, ref: object, param: str, caller: Caller) -> InputImage:
+        """One image reference (base64, data URI, artifact id, URL), resolved and checked."""
+        return await resolve_reference(ref, param, self.artifacts, self.cfg.server.max_image_pixels, self.fetch,
+                                       caller.owner)
+
     async def check_image(self, data: bytes, param: str) -> InputImage:
         return await check_image(data, param, self.cfg.server.max_image_pixels)
+
+    async def white_mask(self, data: bytes, param: str, size: tuple[int, int], invert: bool) -> InputImage:
+        """An A1111-convention mask (white = edit) as the pipeline's (transparent = edit)."""
+        return await white_mask(data, param, size, invert, self.cfg.server.max_image_pixels)
 
     # -- running
 
@@ -75,8 +86,16 @@ class Pipeline:
 
     async def generate(self, prepared: Prepared, caller: Caller, gone: Gone | None = None) -> Generation:
         """A synchronous request from admission to settlement. `gone`: waits for the client to leave
-        (then the work is cancelled and `ClientGone` raised)."""
-        return await self.run(prepared, caller, await self.admit(prepared, caller), gone)
+        (then the work is cancelled and `ClientGone` raised). While it runs it is on the job board:
+        its progress can be read, and the caller can interrupt it (then `Interrupted`)."""
+        admitted = await self.admit(prepared, caller)
+        with self.jobs.track(caller, prepared.model_id, prepared.request) as job:
+            try:
+                return await self.run(prepared, caller, admitted, job.watch(gone))
+            except ClientGone:
+                if job.interrupted.is_set():
+                    raise Interrupted() from None
+                raise
 
     async def run(self, prepared: Prepared, caller: Caller, admitted: Admitted, gone: Gone | None = None) -> Generation:
         """Route, deliver and settle an admitted request: the hold captures what was delivered."""
@@ -100,7 +119,7 @@ class Pipeline:
         billing = delivered.price.body()
         if admitted.hold is not None:
             billing.update(admitted.hold.body(delivered.price.cost_micros))
-        return Generation(prepared, served.route.provider.name, delivered, billing)
+        return Generation(prepared, served.route.provider.name, delivered, billing, served.result.metadata)
 
     async def release(self, admitted: Admitted) -> None:
         """Give back what an admitted request holds (nothing was delivered, or it was settled already)."""

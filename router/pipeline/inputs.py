@@ -11,7 +11,7 @@ import anyio.to_thread
 import pybase64
 
 from imagegate.providers.base import InputImage
-from imagegate.providers.imaging import ImageCheckError, inspect
+from imagegate.providers.imaging import ImageCheckError, inspect, transparent_edit_mask
 
 from ..artifacts import ArtifactStore
 from ..errors import ApiError, invalid
@@ -109,3 +109,11 @@ def check_mask(inputs: Inputs) -> Inputs:
     if not mask.has_alpha:
         raise invalid("the mask needs an alpha channel (fully transparent pixels mark the area to edit)", "mask")
     return inputs
+
+
+async def white_mask(data: bytes, param: str, size: tuple[int, int], invert: bool, max_pixels: int) -> InputImage:
+    """A mask in A1111's convention (white = edit), checked, then converted once to the pipeline's
+    (OpenAI's: transparent = edit) at the image's size."""
+    await check_image(data, param, max_pixels)
+    converted = await anyio.to_thread.run_sync(lambda: transparent_edit_mask(data, size, invert=invert))
+    return await check_image(converted, param, max_pixels)

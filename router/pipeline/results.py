@@ -6,7 +6,7 @@ carries the same facts (seed, revised prompt, artifact) whichever way it leaves.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .normalize import DeliveredImage
@@ -30,6 +30,7 @@ class Generation:
     provider: str
     delivered: Delivered
     billing: dict[str, Any]  # the price of what was delivered, plus the hold's amounts when metered
+    metadata: dict[str, Any] = field(default_factory=dict)  # what the provider reported (sampler, …)
 
     @property
     def images(self) -> list[DeliveredImage]:

@@ -176,7 +176,8 @@ def prepare(ask: ImageAsk, model_id: str, model: ModelConfig, operation: str, in
         negative_prompt=ask.negative_prompt if ask.negative_prompt is not None else model.defaults.negative_prompt,
         quality=ask.quality, output_format=output_format, output_compression=ask.output_compression,
         background=ask.background, images=inputs.images, mask=inputs.mask, strength=strength,
-        hints=ask.hints, extra=extra, partial_images=ask.partial_images if ask.stream else 0,
+        hints=ask.hints, tuning=ask.tuning, extra=extra,
+        partial_images=ask.partial_images if ask.stream else ask.previews,
     )
     return Prepared(model_id=model_id, request=request, needs=_needs(operation, ask, inputs),
                     response_format=ask.response_format or "b64_json", stream=ask.stream,

@@ -114,6 +114,13 @@ slots = sa.Table(
     sa.Column("expires_at", sa.Double, nullable=False),  # a crashed replica's slots lapse by themselves
 )
 
+preferences = sa.Table(
+    "preferences", metadata,  # a caller's settings that outlive a request (A1111's sd_model_checkpoint)
+    sa.Column("scope", sa.String(40), primary_key=True),  # the API key id, or "-" with auth off
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
+)
+
 
 def _v1(conn: Connection) -> None:
     """Keys and their ledger."""
@@ -133,7 +140,12 @@ def _v3(conn: Connection) -> None:
         table.create(conn, checkfirst=True)
 
 
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3]
+def _v4(conn: Connection) -> None:
+    """Per-caller preferences."""
+    preferences.create(conn, checkfirst=True)
+
+
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3, _v4]
 LATEST = len(MIGRATIONS)
 
 

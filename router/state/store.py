@@ -14,7 +14,7 @@ from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from . import holds, keys, limits, replays, tasks
+from . import holds, keys, limits, preferences, replays, tasks
 from .records import KeyRecord, LedgerEntry, Replay, StateError, TaskRecord
 from .replays import Claim
 from .schema import migrate
@@ -60,7 +60,7 @@ class Store:
     """The state store's one interface. Every public method is one transaction (the sweeps, one per
     item), so a balance and its ledger rows, or a task's end and its money, always change together.
     The statements themselves are plain functions over a connection in keys.py, holds.py,
-    limits.py, replays.py and tasks.py."""
+    limits.py, preferences.py, replays.py and tasks.py."""
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
@@ -199,6 +199,15 @@ class Store:
     async def delete_expired_idempotency(self) -> int:
         async with self.engine.begin() as conn:
             return await replays.delete_expired(conn)
+
+    # -- per-caller preferences
+
+    async def preferences(self, scope: str) -> dict[str, str]:
+        async with self.engine.connect() as conn:
+            return await preferences.of(conn, scope)
+
+    async def set_preference(self, scope: str, name: str, value: str) -> None:
+        await preferences.put(self.engine, scope, name, value)
 
     # -- async tasks
 
