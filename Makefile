@@ -38,3 +38,4 @@ bench: $(FULL)
 	$(PY) bench/failover_load.py
 	$(PY) bench/local_pipeline.py
 	$(PY) bench/billing_throughput.py
+	$(PY) bench/a1111_surface.py

@@ -191,6 +191,7 @@ def test_models_and_options_through_webuiapi(gw: Gateway, fake_a1111: FakeA1111)
     models = {m["title"]: m for m in api.get_sd_models()}
     assert models["sdxl"]["model_name"] == "sdxl" and len(models["sdxl"]["sha256"]) == 64
     assert api.util_get_current_model() == "demo"  # default_model until the caller chooses
+    assert api.txt2img(prompt="before the switch", width=64, height=64).info["sd_model_name"] == "demo"
     api.util_set_model("sdxl")
     options = api.get_options()
     assert options["sd_model_checkpoint"] == "sdxl" and options["sd_checkpoint_hash"] == models["sdxl"]["sha256"]

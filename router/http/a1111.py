@@ -45,10 +45,11 @@ def _services(request: Request) -> Services:
     return mark(request, request.url.path)  # A1111's paths have no parameters: the path is the template
 
 
-async def _current_model(services: Services, caller: Caller) -> str | None:
-    """The caller's chosen checkpoint while it still names a model, else the default model."""
-    catalog = services.pipeline.catalog
-    chosen = (await services.accounts.preferences(caller)).get(MODEL)
+async def _current_model(services: Services, caller: Caller, fresh: bool = False) -> str | None:
+    """The caller's chosen checkpoint while it still names a model, else the default model.
+    `fresh`: read the store now (GET /options), not a read of the last second (a generation)."""
+    catalog, accounts = services.pipeline.catalog, services.accounts
+    chosen = (await accounts.preferences(caller)).get(MODEL) if fresh else await accounts.preference(caller, MODEL)
     if chosen is not None and catalog.knows(chosen):
         return chosen
     fallback = services.cfg.default_model or next(iter(catalog.generating()), None)
@@ -64,7 +65,7 @@ async def sd_models(request: Request) -> Response:
 
 async def get_options(request: Request) -> Response:
     services = _services(request)
-    model = await _current_model(services, caller_of(request))
+    model = await _current_model(services, caller_of(request), fresh=True)
     return JSONResponse({"sd_model_checkpoint": model, "sd_checkpoint_hash": _hash(model) if model else None,
                          "samples_format": "png", "CLIP_stop_at_last_layers": 1, "sd_vae": "Automatic",
                          "eta_noise_seed_delta": 0, "show_progress_every_n_steps": 1})

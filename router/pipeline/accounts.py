@@ -3,6 +3,7 @@ operations (create, list, revoke, top up). The store's refusals become ApiErrors
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,11 +13,13 @@ from ..state import KeyNotFound, KeyRecord, StateError, Store, format_usd
 from .caller import Caller
 
 USAGE_LIMIT = 100
+PREFERENCES_FRESH_S = 1.0
 
 
 class Accounts:
     def __init__(self, store: Store, router: ModelRouter) -> None:
         self.store, self.router = store, router
+        self._recent: dict[str, tuple[dict[str, str], float]] = {}  # scope → (preferences, fresh until)
 
     async def authenticate(self, secret: str) -> KeyRecord | None:
         """The live key whose secret this is; None for unknown, malformed and revoked alike."""
@@ -35,11 +38,25 @@ class Accounts:
                 "balance": format_usd(record.balance_micros), "ledger": [e.public() for e in entries]}
 
     async def preferences(self, caller: Caller) -> dict[str, str]:
-        """What the caller chose to keep (its A1111 checkpoint, say); gateway-wide with auth off."""
-        return await self.store.preferences(caller.owner or "-")
+        """What the caller chose to keep (its A1111 checkpoint, say), read from the store;
+        gateway-wide with auth off."""
+        scope = caller.owner or "-"
+        found = await self.store.preferences(scope)
+        self._recent[scope] = (found, time.monotonic() + PREFERENCES_FRESH_S)
+        return found
+
+    async def preference(self, caller: Caller, name: str) -> str | None:
+        """One preference for a request on the hot path: a read of the last second is reused, so
+        a client that generates without naming its model costs no store round trip per request.
+        A change made on another replica is seen here within that second."""
+        recent = self._recent.get(caller.owner or "-")
+        found = recent[0] if recent is not None and recent[1] > time.monotonic() else await self.preferences(caller)
+        return found.get(name)
 
     async def prefer(self, caller: Caller, name: str, value: str) -> None:
-        await self.store.set_preference(caller.owner or "-", name, value)
+        scope = caller.owner or "-"
+        await self.store.set_preference(scope, name, value)
+        self._recent.pop(scope, None)
 
     def model_ids(self, names: Sequence[str]) -> list[str]:
         """Aliases are stored as the model ids they name: the check at request time sees resolved ids."""
