@@ -67,6 +67,14 @@ def cmd_worker(args: argparse.Namespace) -> None:
 
 def cmd_check_config(args: argparse.Namespace) -> None:
     cfg = _load_or_exit(args.file)
+    # Served, an unpriced model is free; checked, it is a mistake until the price is written down.
+    unpriced = [m for m, model in cfg.models.items() if not model.priced]
+    if unpriced:
+        print(f"imagegate: {args.file} is not a valid configuration:", file=sys.stderr)
+        for model_id in unpriced:
+            print(f"  - models.{model_id}: no price: give price_per_mp (0 for free) or price_per_image",
+                  file=sys.stderr)
+        raise SystemExit(1)
     print(f"{args.file}: OK ({len(cfg.models)} models, {len(cfg.providers)} providers)")
     for path, name in cfg.unset_env:
         print(f"  note: {path} uses ${{{name}}}, which is not set; that provider will be disabled")

@@ -7,7 +7,7 @@ import re
 from decimal import Decimal
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -93,6 +93,21 @@ class InputsConfig(_Strict):
     allow_private: bool = False
 
 
+class TasksConfig(_Strict):
+    # An async task's own deadline; unset, the same as a synchronous request's (server.request_timeout_s).
+    timeout_s: float | None = Field(default=None, gt=0)
+
+
+class BillingConfig(_Strict):
+    # A display unit: task envelopes add held/charged/refunded_credits. The ledger stays exact µ$.
+    credits_per_usd: Decimal | None = Field(default=None, gt=0)
+
+    @field_validator("credits_per_usd", mode="before")
+    @classmethod
+    def _exact_rate(cls, value: Any) -> Any:
+        return _exact(value)
+
+
 class SurfacesConfig(_Strict):
     """Which ways in are served (docs/architecture.md, "Adding a surface")."""
 
@@ -157,10 +172,23 @@ class RouteConfig(BaseModel):
         return dict(self.model_extra or {})
 
 
+PriceTier = Literal["standard", "hd"]
+PricedCapability = Literal["text_to_image", "image_to_image"]  # generations; edits and image-to-image
+
+
+def _exact(value: Any) -> Any:
+    """YAML reads 0.0015 as a float; going through str keeps the decimal the operator wrote."""
+    if isinstance(value, dict):
+        return {k: _exact(v) for k, v in value.items()}
+    return str(value) if isinstance(value, float) else value
+
+
 class ModelConfig(_Strict):
     aliases: list[str] = Field(default_factory=list)
     description: str = ""
-    price_per_mp: Decimal = Field(default=Decimal(0), ge=0)
+    # USD per megapixel, or per image by capability and quality: one of the two (neither: free).
+    price_per_mp: Decimal | None = Field(default=None, ge=0)
+    price_per_image: dict[PricedCapability, dict[PriceTier, Annotated[Decimal, Field(ge=0)]]] | None = None
     default_size: str = "1024x1024"
     sizes: list[str] = Field(default_factory=list)
     limits: Limits = Field(default_factory=Limits)
@@ -170,11 +198,23 @@ class ModelConfig(_Strict):
     allow_extra_fields: bool = False
     routes: list[RouteConfig] = Field(min_length=1)
 
-    @field_validator("price_per_mp", mode="before")
+    @field_validator("price_per_mp", "price_per_image", mode="before")
     @classmethod
     def _exact_price(cls, value: Any) -> Any:
-        # YAML reads 0.0015 as a float; going through str keeps the decimal the operator wrote.
-        return str(value) if isinstance(value, float) else value
+        return _exact(value)
+
+    @model_validator(mode="after")
+    def _one_price(self) -> ModelConfig:
+        if self.price_per_mp is not None and self.price_per_image is not None:
+            raise ValueError("give price_per_mp or price_per_image, not both")
+        for capability, tiers in (self.price_per_image or {}).items():
+            if "standard" not in tiers:
+                raise ValueError(f"price_per_image.{capability} needs a standard price (hd is optional)")
+        return self
+
+    @property
+    def priced(self) -> bool:
+        return self.price_per_mp is not None or self.price_per_image is not None
 
     @field_validator("default_size")
     @classmethod
@@ -203,10 +243,21 @@ class Config(_Strict):
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     inputs: InputsConfig = Field(default_factory=InputsConfig)
     surfaces: SurfacesConfig = Field(default_factory=SurfacesConfig)
+    tasks: TasksConfig = Field(default_factory=TasksConfig)
+    billing: BillingConfig = Field(default_factory=BillingConfig)
     # Where the file came from, for relative paths and messages; not a YAML key.
     source: str = Field(default="", exclude=True)
     # (path, NAME) of each `${NAME}` that was unset and had no default.
     unset_env: list[tuple[str, str]] = Field(default_factory=list, exclude=True)
+
+    @property
+    def task_timeout_s(self) -> float:
+        return self.tasks.timeout_s or self.server.request_timeout_s
+
+    @property
+    def longest_run_s(self) -> float:
+        """No request or task runs longer: after this (and a grace) its hold and slot are abandoned."""
+        return max(self.server.request_timeout_s, self.task_timeout_s)
 
 
 def interpolate(value: Any, missing: list[tuple[str, str]], path: str = "") -> Any:

@@ -114,9 +114,11 @@ async def open_services(cfg: Config, metrics: Metrics) -> AsyncIterator[Services
     try:
         # Holds a crash left behind: only those older than any request can be, since other replicas
         # may share the store. Tasks' holds follow their leases instead (task_runner.py).
-        released = await store.release_stale_holds(cfg.server.request_timeout_s + STALE_HOLD_GRACE_S)
+        released = await store.release_stale_holds(cfg.longest_run_s + STALE_HOLD_GRACE_S)
         if released:
             log.warning("released %d credit holds left by an earlier run", released)
+        for model_id in (m for m, model in cfg.models.items() if not model.priced):
+            log.warning("model %r has no price (price_per_mp or price_per_image): it is served free", model_id)
         every, disabled = await _start_providers(cfg, metrics)
         router = ModelRouter(cfg, {n: p for n, p in every.items() if n not in disabled}, metrics)
         art_dir = Path(cfg.artifacts.dir)

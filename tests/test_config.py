@@ -32,7 +32,7 @@ VALID: dict[str, Any] = {
         "m": {"aliases": ["m-alias"], "price_per_mp": 0.0015,
               "limits": {"min_side": 64, "max_side": 2048, "multiple_of": 8, "max_n": 4},
               "routes": [{"provider": "demo", "model": "demo"}, {"provider": "up", "model": "x"}]},
-        "q": {"sizes": ["1328x1328", "1664x928"], "routes": [{"provider": "demo", "model": "demo"}]},
+        "q": {"sizes": ["1328x1328", "1664x928"], "price_per_mp": 0, "routes": [{"provider": "demo", "model": "demo"}]},
     },
     "default_model": "m",
     "auto": {"policy": "cheapest", "candidates": ["m", "q"]},

@@ -17,9 +17,9 @@ SLOT_GRACE_S = 60.0  # a slot outlives any request by this much; then a crashed 
 
 
 class Admission:
-    def __init__(self, store: Store, request_timeout_s: float) -> None:
+    def __init__(self, store: Store, longest_run_s: float) -> None:
         self.store = store
-        self.slot_ttl_s = request_timeout_s + SLOT_GRACE_S
+        self.slot_ttl_s = longest_run_s + SLOT_GRACE_S  # a task holds its slot as long as it may run
 
     async def check_rate(self, caller: Caller) -> None:
         """429 when the caller's key has used its requests for this clock minute."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from ..config import ModelConfig
 from ..routing import ModelRouter
 
 _STARTED = int(time.time())
@@ -39,6 +40,13 @@ class Catalog:
             "aliases": model.aliases, "description": model.description,
             "capabilities": sorted(router.capabilities(model_id)),
             "limits": model.limits.model_dump(), "sizes": model.sizes, "default_size": model.default_size,
-            "price_per_mp": float(model.price_per_mp),
+            **_prices(model),
             "routes": [{"provider": r.provider, "enabled": r.provider in router.providers} for r in model.routes],
         }
+
+
+def _prices(model: ModelConfig) -> dict[str, Any]:
+    if model.price_per_image is not None:
+        return {"price_per_image": {capability: {tier: float(usd) for tier, usd in tiers.items()}
+                                    for capability, tiers in model.price_per_image.items()}}
+    return {"price_per_mp": float(model.price_per_mp or 0)}

@@ -42,7 +42,7 @@ class Pipeline:
         server = cfg.server
         self.cfg, self.router, self.store, self.artifacts = cfg, router, store, artifacts
         self.drain = Drain(server.shutdown_grace_s)
-        self.admission = Admission(store, server.request_timeout_s)
+        self.admission = Admission(store, cfg.longest_run_s)
         self.delivery = Delivery(router, artifacts, self.drain, metrics, request_timeout_s=server.request_timeout_s,
                                  max_image_pixels=server.max_image_pixels)
         self.idempotency = Idempotency(store, server.request_timeout_s, cfg.state.idempotency_hours)

@@ -15,7 +15,6 @@ from ..metrics import Metrics
 from ..routing import ModelRouter, Served, Trail
 from .drain import Drain
 from .normalize import DeliveredImage, finish_all
-from .pricing import Price
 from .results import Delivered
 from .validation import Prepared
 
@@ -60,7 +59,7 @@ class Delivery:
         if not images:
             raise ApiError(502, "the upstream returned no images", code="upstream_bad_response")
         finished = await finish_all(images, req, self.max_image_pixels)
-        price = Price.of(req.width, req.height, len(finished), prepared.price.price_per_mp)
+        price = prepared.price.for_images(len(finished))
         model_id = prepared.model_id
         self.metrics.images.labels(model_id).inc(len(finished))
         self.metrics.megapixels.labels(model_id).inc(float(price.megapixels))

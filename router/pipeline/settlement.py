@@ -14,7 +14,7 @@ from .pricing import MICRO
 
 log = logging.getLogger("imagegate.billing")
 SETTLE_TIMEOUT_S = 15  # a settle that cannot reach the store is left to the stale-hold sweep
-STALE_HOLD_GRACE_S = 60.0  # added to server.request_timeout_s before a hold counts as abandoned
+STALE_HOLD_GRACE_S = 60.0  # added to Config.longest_run_s before a hold counts as abandoned
 
 
 @dataclass(frozen=True, slots=True)

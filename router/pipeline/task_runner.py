@@ -87,7 +87,7 @@ class TaskRunner:
             log.warning("task %s abandoned by its replica: failed, hold released", task_id)
             self.metrics.tasks.labels("failed").inc()
         # Holds whose settle failed (the store was briefly away) must not wait for the next start.
-        await self.store.release_stale_holds(self.cfg.server.request_timeout_s + STALE_HOLD_GRACE_S)
+        await self.store.release_stale_holds(self.cfg.longest_run_s + STALE_HOLD_GRACE_S)
         await self.store.delete_expired_tasks()
         await self.store.delete_expired_idempotency()
         await anyio.to_thread.run_sync(self.artifacts.sweep)  # file reads: off the event loop
@@ -155,9 +155,9 @@ class TaskRunner:
 
     async def _route_when_free(self, prepared: Prepared) -> Served:
         """Route the task; while every route is at capacity (429 queue_full), wait for room instead
-        of failing: a task's client is not there to retry. The whole of it stays within one request
-        deadline, which the stale-hold sweep counts on."""
-        give_up = anyio.current_time() + self.cfg.server.request_timeout_s
+        of failing: a task's client is not there to retry. The whole of it stays within the task
+        deadline (`tasks.timeout_s`), which the stale-hold sweep counts on."""
+        give_up = anyio.current_time() + self.cfg.task_timeout_s
         while True:
             try:
                 return await self.delivery.route(prepared, Trail(), timeout_s=give_up - anyio.current_time())

@@ -181,4 +181,4 @@ def prepare(ask: ImageAsk, model_id: str, model: ModelConfig, operation: str, in
     )
     return Prepared(model_id=model_id, request=request, needs=_needs(operation, ask, inputs),
                     response_format=ask.response_format or "b64_json", stream=ask.stream,
-                    partial_images=ask.partial_images, price=Price.of(width, height, n, model.price_per_mp))
+                    partial_images=ask.partial_images, price=Price.for_request(model, model_id, operation, ask.quality, width, height, n))

@@ -143,8 +143,8 @@ class Store:
         """Release every hold still `held` that was placed more than `older_than_s` ago; the number.
 
         Called when a gateway starts, to undo holds left by a crash: the gateway passes
-        `server.request_timeout_s` + a grace period, after which no request or task can still be
-        running on any replica (tasks run under the same deadline). A task's hold is usually
+        the longest a request or task may run (`Config.longest_run_s`) + a grace period, after which
+        none can still be running on any replica. A task's hold is usually
         released sooner, by the sweep that fails its lapsed lease; settling twice moves money once.
         """
         async with self.engine.connect() as conn:
