@@ -71,15 +71,23 @@ class ArtifactStore:
 
     def _write(self, art: Artifact, data: bytes) -> None:
         blob, meta = self._paths(art.id)
-        blob.write_bytes(data)
+        if not blob.exists():  # an input stored by content already has its bytes: renew its metadata only
+            blob.write_bytes(data)
         meta.write_bytes(orjson.dumps(asdict(art)))
 
-    async def put(self, data: bytes, *, content_type: str, width: int, height: int,
-                  owner: str | None = None) -> Artifact:
+    async def put(self, data: bytes, *, content_type: str, width: int, height: int, owner: str | None = None,
+                  by_content: bool = False, ttl_s: int | None = None) -> Artifact:
+        """Store `data` for `owner`. `by_content`: the id is derived from the owner and the bytes, so
+        the same input given twice is stored once (its expiry is renewed). `ttl_s`: other than the
+        configured lifetime (longer only: a URL a surface promises for 7 days)."""
         now = int(time.time())
-        art = Artifact(id="art_" + secrets.token_urlsafe(18).replace("-", "a").replace("_", "b")[:24],
-                       bytes=len(data), width=width, height=height, content_type=content_type,
-                       created_at=now, expires_at=now + self.ttl_s, owner=owner)
+        if by_content:
+            digest = hashlib.sha256(f"{owner or '-'}\0".encode() + data).hexdigest()
+            artifact_id = "art_" + digest[:24]
+        else:
+            artifact_id = "art_" + secrets.token_urlsafe(18).replace("-", "a").replace("_", "b")[:24]
+        art = Artifact(id=artifact_id, bytes=len(data), width=width, height=height, content_type=content_type,
+                       created_at=now, expires_at=now + max(self.ttl_s, ttl_s or 0), owner=owner)
         await anyio.to_thread.run_sync(self._write, art, data)
         return art
 

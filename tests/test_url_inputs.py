@@ -106,15 +106,21 @@ def _clean(upstream: FakeOpenAI, images: ImageServer) -> None:
     images.requests.clear()
 
 
+def stored(gw: Gateway) -> set[str]:
+    return {p.name for p in gw.state.artifacts.dir.rglob("art_*")}
+
+
 def edit(gw: Gateway, image: Any, model: str = "demo") -> Any:
     return gw.http.post(EDITS, json={"model": model, "prompt": "x", "image": image, "seed": 5})
 
 
 def refused(gw: Gateway, upstream: FakeOpenAI, image: Any, code: str, param: str = "image") -> str:
-    """A 400 with `code` for the remote model; nothing reached the upstream, nothing was stored."""
+    """A 400 with `code` for the remote model; nothing reached the upstream, nothing was stored (the
+    gateway is shared: earlier answers' images are artifacts, so what counts is what this one added)."""
+    before = stored(gw)
     error = assert_error(edit(gw, image, model="remote"), 400, param, code)
     assert upstream.requests == [], "a refused URL reached the upstream"
-    assert not any(p.name.startswith("art_") for p in gw.state.artifacts.dir.rglob("*"))
+    assert stored(gw) == before
     return str(error["message"])
 
 
@@ -133,6 +139,32 @@ def test_url_input_is_fetched_and_used(open_gw: Gateway, images: ImageServer, wr
     assert got != decode(other.json()["data"][0]["b64_json"]).tobytes()
     # The request went to the checked address, with the name (here 127.0.0.1:port) in Host.
     assert images.requests == [("/x.png", f"127.0.0.1:{images.port}")]
+
+
+@pytest.mark.parametrize(("field", "value", "param"), [
+    ("bogus_field", 1, "bogus_field"),  # unknown: the type check
+    ("n", 99, "n"),  # over the model's max_n: a model rule
+    ("size", "100x100", "size"),  # not a multiple of 16
+    ("output_format", "gif", "output_format"),
+])
+def test_a_bad_field_is_refused_before_the_url_is_fetched(open_gw: Gateway, images: ImageServer, field: str,
+                                                          value: Any, param: str) -> None:
+    before = stored(open_gw)
+    resp = open_gw.http.post(EDITS, json={"model": "demo", "prompt": "x", "image": f"{images.url}/x.png",
+                                          field: value})
+    assert_error(resp, 400, param)
+    assert images.requests == [] and stored(open_gw) == before
+
+
+def test_a_url_input_becomes_the_callers_artifact_once(open_gw: Gateway, images: ImageServer) -> None:
+    first = edit(open_gw, f"{images.url}/x.png").json()
+    again = edit(open_gw, f"{images.url}/x.png").json()
+    [kept] = first["inputs"]
+    assert again["inputs"] == [kept]  # the same bytes are stored once, under one id
+    content = open_gw.http.get(f"/v1/artifacts/{kept['artifact_id']}/content")
+    assert content.status_code == 200 and content.content == RED
+    chained = edit(open_gw, first["data"][0]["artifact_id"])  # a result fed back by its id
+    assert chained.status_code == 200 and chained.json()["inputs"] == [{"artifact_id": first["data"][0]["artifact_id"]}]
 
 
 def test_name_is_resolved_and_pinned(open_gw: Gateway, images: ImageServer) -> None:

@@ -20,7 +20,18 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from ..pipeline import Caller, ClientGone, Generation, Inputs, Interrupted, Pipeline, Prepared, Reply, fingerprint
+from ..pipeline import (
+    MAX_INPUT_IMAGES,
+    Caller,
+    ClientGone,
+    Generation,
+    Inputs,
+    Interrupted,
+    Pipeline,
+    Prepared,
+    Reply,
+    fingerprint,
+)
 from ..services import Services
 from .a1111_schemas import FieldError, Img2ImgBody, Txt2ImgBody, parse, strip_hash
 from .bodies import read_json, read_object
@@ -184,10 +195,16 @@ async def _generate(request: Request, schema: type[Txt2ImgBody], operation: str)
 async def _img2img_inputs(pipeline: Pipeline, body: Img2ImgBody, caller: Caller) -> Inputs:
     if not body.init_images:
         raise FieldError("init_images", "init_images is required: the image to start from", "missing")
-    images = [await pipeline.input_image(ref, f"init_images[{i}]", caller) for i, ref in enumerate(body.init_images)]
-    inputs = Inputs(images=images)
+    if len(body.init_images) > MAX_INPUT_IMAGES:
+        raise FieldError("init_images", f"at most {MAX_INPUT_IMAGES} input images")
+    inputs = Inputs()
+    for i, ref in enumerate(body.init_images):
+        image, artifact_id = await pipeline.input_image(ref, f"init_images[{i}]", caller)
+        inputs.images.append(image)
+        inputs.artifact_ids.append(artifact_id)
+    images = inputs.images
     if body.mask is not None:
-        given = await pipeline.input_image(body.mask, "mask", caller)
+        given, _ = await pipeline.input_image(body.mask, "mask", caller)
         first = images[0]
         inputs.mask = await pipeline.white_mask(given.data, "mask", (first.width, first.height),
                                                 bool(body.inpainting_mask_invert))

@@ -16,6 +16,7 @@ from ..pipeline import (
     Caller,
     ClientGone,
     Generation,
+    ImageRefs,
     Inputs,
     Pipeline,
     Prepared,
@@ -47,10 +48,13 @@ async def edits(request: Request) -> Response:
     services = mark(request, EDITS)
     if media_type(request) == "application/json":
         fields = await read_object(request)
-        inputs = await services.pipeline.json_inputs(fields, caller_of(request))
+        refs = ImageRefs.take(fields)
+        body = parse_body(EditBody, fields)
+        services.pipeline.precheck(body.ask(), caller_of(request))  # before any URL is fetched
+        inputs = await services.pipeline.resolve_inputs(refs, caller_of(request))
     else:
         inputs, fields = await form_inputs(await read_form(request), services.cfg.server.max_image_pixels)
-    body = parse_body(EditBody, fields)
+        body = parse_body(EditBody, fields)
     return await _serve(request, services, body, "edit", inputs, lambda: fingerprint(EDITS, fields, inputs.blobs()))
 
 
@@ -89,8 +93,9 @@ async def _reply(request: Request, pipeline: Pipeline, prepared: Prepared, calle
         items = [image_item(image, url=pipeline.url_of(caller, image.artifact), artifact_id=image.artifact.id)
                  for image in generation.images if image.artifact is not None]
     else:
-        items = [image_item(image, b64_json=image.b64) for image in generation.images]
-    body = images_body(items, generation.delivered, prepared, generation.billing)
+        items = [image_item(image, b64_json=image.b64, artifact_id=image.artifact.id)
+                 for image in generation.images if image.artifact is not None]
+    body = images_body(items, generation.delivered, prepared, generation.billing, generation.inputs)
     return Reply.json(body, headers=_headers(generation))
 
 

@@ -11,6 +11,7 @@ from .caller import Caller
 from .core import Pipeline
 from .delivery import ClientGone, Gone
 from .idempotency import Reply, fingerprint
+from .inputs import MAX_INPUT_IMAGES, ImageRefs
 from .normalize import DeliveredImage
 from .pricing import MICRO, Price
 from .progress import Interrupted, RunningJob
@@ -18,6 +19,6 @@ from .results import Generation, image_item, images_body
 from .settlement import Admitted
 from .validation import Prepared
 
-__all__ = ["MICRO", "Admitted", "Artifact", "Caller", "ClientGone", "DeliveredImage", "Generation", "Gone",
-           "ImageAsk", "Inputs", "Interrupted", "KeyRecord", "Pipeline", "Prepared", "Price", "Reply",
-           "RunningJob", "TaskRecord", "fingerprint", "image_item", "images_body"]
+__all__ = ["MAX_INPUT_IMAGES", "MICRO", "Admitted", "Artifact", "Caller", "ClientGone", "DeliveredImage",
+           "Generation", "Gone", "ImageAsk", "ImageRefs", "Inputs", "Interrupted", "KeyRecord", "Pipeline",
+           "Prepared", "Price", "Reply", "RunningJob", "TaskRecord", "fingerprint", "image_item", "images_body"]

@@ -48,6 +48,11 @@ class Inputs:
 
     images: list[InputImage] = field(default_factory=list)
     mask: InputImage | None = None
+    # Per image, the artifact it was read from (None: given as bytes, base64 or a URL, not stored yet).
+    artifact_ids: list[str | None] = field(default_factory=list)
+
+    def artifact_of(self, index: int) -> str | None:
+        return self.artifact_ids[index] if index < len(self.artifact_ids) else None
 
     def blobs(self) -> list[bytes]:
         """The bytes of every input, in order: what makes two requests with files "the same"."""

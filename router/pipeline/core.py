@@ -27,10 +27,10 @@ from .catalog import Catalog
 from .delivery import ClientGone, Delivery, Gone
 from .drain import Drain
 from .idempotency import Idempotency, Reply
-from .inputs import check_image, json_inputs, resolve_reference, white_mask
+from .inputs import ImageRefs, check_image, resolve_input, resolve_inputs, white_mask
 from .progress import Interrupted, JobBoard
 from .results import Generation
-from .selection import choose
+from .selection import choose, precheck
 from .settlement import Admitted, settle
 from .task_runner import TaskRunner
 from .validation import Prepared
@@ -62,14 +62,21 @@ class Pipeline:
         self.drain.check_accepting()
         return choose(self.router, self.cfg.auto, ask, operation, inputs, caller, resolved)
 
-    async def json_inputs(self, body: dict[str, object], caller: Caller) -> Inputs:
-        """`image`/`images`/`mask` references of a JSON body, resolved and checked (removed from it)."""
-        return await json_inputs(body, self.artifacts, self.cfg.server.max_image_pixels, self.fetch, caller.owner)
+    def precheck(self, ask: ImageAsk, caller: Caller) -> None:
+        """Before input images are read: the model, the key's right to it, and every field that does
+        not depend on an input image. `prepare` checks it all again, with the inputs."""
+        self.drain.check_accepting()
+        precheck(self.router, ask, caller)
 
-    async def input_image(self, ref: object, param: str, caller: Caller) -> InputImage:
-        """One image reference (base64, data URI, artifact id, URL), resolved and checked."""
-        return await resolve_reference(ref, param, self.artifacts, self.cfg.server.max_image_pixels, self.fetch,
-                                       caller.owner)
+    async def resolve_inputs(self, refs: ImageRefs, caller: Caller) -> Inputs:
+        """A body's image references resolved and checked: URLs fetched (SSRF-guarded), artifact ids
+        read (the caller's own only)."""
+        return await resolve_inputs(refs, self.artifacts, self.cfg.server.max_image_pixels, self.fetch, caller.owner)
+
+    async def input_image(self, ref: object, param: str, caller: Caller) -> tuple[InputImage, str | None]:
+        """One image reference (base64, data URI, artifact id, URL), checked, and the artifact it named."""
+        return await resolve_input(ref, param, self.artifacts, self.cfg.server.max_image_pixels, self.fetch,
+                                   caller.owner)
 
     async def check_image(self, data: bytes, param: str) -> InputImage:
         return await check_image(data, param, self.cfg.server.max_image_pixels)
@@ -101,9 +108,10 @@ class Pipeline:
         """Route, deliver and settle an admitted request: the hold captures what was delivered."""
         delivered_micros = 0
         try:
+            inputs = await self.delivery.keep_inputs(prepared.inputs, caller.owner)  # before the model runs
             served = await self.delivery.route(prepared, Trail(), gone)
             try:
-                generation = await self._hand_over(prepared, caller, admitted, served)
+                generation = await self._hand_over(prepared, caller, admitted, served, inputs)
             except ApiError as exc:
                 exc.headers["x-should-retry"] = "false"  # the upstream did the (paid) work; repeating pays again
                 raise
@@ -112,14 +120,15 @@ class Pipeline:
         finally:
             await settle(self.store, admitted, delivered_micros)
 
-    async def _hand_over(self, prepared: Prepared, caller: Caller, admitted: Admitted, served: Served) -> Generation:
+    async def _hand_over(self, prepared: Prepared, caller: Caller, admitted: Admitted, served: Served,
+                         inputs: list[str]) -> Generation:
         delivered = await self.delivery.deliver(prepared, served)
-        if prepared.response_format == "url" and not prepared.stream:  # streams carry base64
+        if not prepared.stream:  # every answered image is an artifact its owner can feed back; streams carry base64
             await self.delivery.store(delivered.images, caller.owner)
         billing = delivered.price.body()
         if admitted.hold is not None:
             billing.update(admitted.hold.body(delivered.price.cost_micros))
-        return Generation(prepared, served.route.provider.name, delivered, billing, served.result.metadata)
+        return Generation(prepared, served.route.provider.name, delivered, billing, served.result.metadata, inputs)
 
     async def release(self, admitted: Admitted) -> None:
         """Give back what an admitted request holds (nothing was delivered, or it was settled already)."""

@@ -13,6 +13,7 @@ from ..artifacts import ArtifactStore
 from ..errors import ApiError
 from ..metrics import Metrics
 from ..routing import ModelRouter, Served, Trail
+from .asks import Inputs
 from .drain import Drain
 from .normalize import DeliveredImage, finish_all
 from .results import Delivered
@@ -66,12 +67,25 @@ class Delivery:
         self.metrics.cost.labels(model_id).inc(float(price.cost))
         return Delivered(finished, price)
 
-    async def store(self, images: list[DeliveredImage], owner: str | None) -> None:
+    async def keep_inputs(self, inputs: Inputs, owner: str | None) -> list[str]:
+        """Every input image as an artifact of `owner` (stored by content: the same bytes once), so
+        a follow-up call can name it; the ids, in order."""
+        ids = []
+        for index, image in enumerate(inputs.images):
+            known = inputs.artifact_of(index)
+            if known is None:
+                known = (await self.artifacts.put(image.data, content_type=image.content_type, width=image.width,
+                                                  height=image.height, owner=owner, by_content=True)).id
+            ids.append(known)
+        return ids
+
+    async def store(self, images: list[DeliveredImage], owner: str | None, ttl_s: int | None = None) -> None:
         """Keep each image as an artifact of `owner` (url answers, task results)."""
         for image in images:
             info = image.info
             image.artifact = await self.artifacts.put(image.data, content_type=f"image/{info.format}",
-                                                      width=info.width, height=info.height, owner=owner)
+                                                      width=info.width, height=info.height, owner=owner,
+                                                      ttl_s=ttl_s)
 
 
 async def _unless_gone(gone: Gone, work: Callable[[], Awaitable[T]]) -> T:

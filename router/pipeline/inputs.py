@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import binascii
 import re
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio.to_thread
@@ -46,9 +47,10 @@ def decode_b64(text: str, param: str) -> bytes:
         raise invalid(f"'{param}' is not valid base64", param, code="invalid_base64") from None
 
 
-async def resolve_reference(ref: Any, param: str, store: ArtifactStore, max_pixels: int,
-                            fetch: Policy | None = None, owner: str | None = None) -> InputImage:
-    """A JSON image reference: base64, data URI, artifact id, URL, or OpenAI's {image_url}/{file_id} object.
+async def resolve_input(ref: Any, param: str, store: ArtifactStore, max_pixels: int,
+                        fetch: Policy | None = None, owner: str | None = None) -> tuple[InputImage, str | None]:
+    """A JSON image reference — base64, data URI, artifact id, URL, or OpenAI's {image_url}/{file_id}
+    object — checked, and the artifact id it named (None for the others: they are not stored yet).
 
     `fetch` None: URLs are refused (inputs.url_fetch false); otherwise they are fetched under that policy.
     `owner`: the caller's key id; another key's artifact is "not found" (None: auth off, one tenant).
@@ -64,35 +66,52 @@ async def resolve_reference(ref: Any, param: str, store: ArtifactStore, max_pixe
         found = await store.get(ref, owner)
         if found is None:
             raise ApiError(404, f"artifact '{ref}' not found", param=param, code="artifact_not_found")
-        return await check_image(found[1], param, max_pixels)
+        return await check_image(found[1], param, max_pixels), ref
     if ref[:8].lower().startswith(("http://", "https://")):
         if fetch is None:
             raise invalid(f"'{param}': image URLs are not accepted; upload it to /v1/uploads or send base64",
                           param, code="unsupported_image_url")
-        return await check_image(await fetch_image_url(ref, param, fetch), param, max_pixels)
-    return await check_image(decode_b64(ref, param), param, max_pixels)
+        return await check_image(await fetch_image_url(ref, param, fetch), param, max_pixels), None
+    return await check_image(decode_b64(ref, param), param, max_pixels), None
 
 
-async def json_inputs(body: dict[str, Any], store: ArtifactStore, max_pixels: int,
-                      fetch: Policy | None = None, owner: str | None = None) -> Inputs:
-    """`image` (one reference) and/or `images` (a list), and `mask`; removed from `body`."""
-    refs: list[tuple[Any, str]] = []
-    image = body.pop("image", None)
-    if isinstance(image, list):
-        refs += [(r, f"image[{i}]") for i, r in enumerate(image)]
-    elif image is not None:
-        refs.append((image, "image"))
-    images = body.pop("images", None)
-    if images is not None:
-        if not isinstance(images, list):
-            raise invalid("'images' must be a list of image references", "images")
-        refs += [(r, f"images[{i}]") for i, r in enumerate(images)]
-    if len(refs) > MAX_INPUT_IMAGES:
-        raise invalid(f"at most {MAX_INPUT_IMAGES} input images", "image")
-    inputs = Inputs(images=[await resolve_reference(r, p, store, max_pixels, fetch, owner) for r, p in refs])
-    mask = body.pop("mask", None)
-    if mask is not None:
-        inputs.mask = await resolve_reference(mask, "mask", store, max_pixels, fetch, owner)
+@dataclass(slots=True)
+class ImageRefs:
+    """The image references of a JSON body, taken out before its other fields are validated (a URL
+    is fetched only for a request that is otherwise valid)."""
+
+    images: list[tuple[Any, str]] = field(default_factory=list)  # (reference, the field it came in)
+    mask: Any = None
+
+    @classmethod
+    def take(cls, body: dict[str, Any]) -> ImageRefs:
+        """`image` (one reference or a list) and `images` (a list), and `mask`; removed from `body`."""
+        refs = cls()
+        image = body.pop("image", None)
+        if isinstance(image, list):
+            refs.images += [(r, f"image[{i}]") for i, r in enumerate(image)]
+        elif image is not None:
+            refs.images.append((image, "image"))
+        images = body.pop("images", None)
+        if images is not None:
+            if not isinstance(images, list):
+                raise invalid("'images' must be a list of image references", "images")
+            refs.images += [(r, f"images[{i}]") for i, r in enumerate(images)]
+        if len(refs.images) > MAX_INPUT_IMAGES:
+            raise invalid(f"at most {MAX_INPUT_IMAGES} input images", "image")
+        refs.mask = body.pop("mask", None)
+        return refs
+
+
+async def resolve_inputs(refs: ImageRefs, store: ArtifactStore, max_pixels: int, fetch: Policy | None = None,
+                         owner: str | None = None) -> Inputs:
+    inputs = Inputs()
+    for ref, param in refs.images:
+        image, artifact_id = await resolve_input(ref, param, store, max_pixels, fetch, owner)
+        inputs.images.append(image)
+        inputs.artifact_ids.append(artifact_id)
+    if refs.mask is not None:
+        inputs.mask = (await resolve_input(refs.mask, "mask", store, max_pixels, fetch, owner))[0]
     return check_mask(inputs)
 
 

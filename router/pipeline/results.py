@@ -31,6 +31,7 @@ class Generation:
     delivered: Delivered
     billing: dict[str, Any]  # the price of what was delivered, plus the hold's amounts when metered
     metadata: dict[str, Any] = field(default_factory=dict)  # what the provider reported (sampler, …)
+    inputs: list[str] = field(default_factory=list)  # the input images' artifact ids, in order
 
     @property
     def images(self) -> list[DeliveredImage]:
@@ -48,8 +49,8 @@ def image_item(image: DeliveredImage, **handed_over: Any) -> dict[str, Any]:
 
 
 def images_body(items: list[dict[str, Any]], delivered: Delivered, prepared: Prepared,
-                billing: dict[str, Any]) -> dict[str, Any]:
-    """OpenAI's ImagesResponse plus the gateway's fields (model, billing)."""
+                billing: dict[str, Any], inputs: list[str] | None = None) -> dict[str, Any]:
+    """OpenAI's ImagesResponse plus the gateway's fields (model, billing, the inputs' artifact ids)."""
     first, request = delivered.images[0].info, prepared.request
     body: dict[str, Any] = {"created": int(time.time()), "data": items, "output_format": first.format,
                             "size": f"{first.width}x{first.height}", "model": prepared.model_id,
@@ -58,4 +59,6 @@ def images_body(items: list[dict[str, Any]], delivered: Delivered, prepared: Pre
         body["quality"] = request.quality
     if request.background:
         body["background"] = request.background
+    if inputs:
+        body["inputs"] = [{"artifact_id": artifact_id} for artifact_id in inputs]
     return body

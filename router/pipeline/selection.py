@@ -8,6 +8,7 @@ from collections.abc import Callable
 from ..config import AutoConfig
 from ..errors import ApiError
 from ..routing import ModelRoute, ModelRouter
+from . import validation
 from .asks import ImageAsk, Inputs
 from .caller import Caller
 from .validation import Prepared, prepare
@@ -27,6 +28,16 @@ def choose(router: ModelRouter, auto: AutoConfig, ask: ImageAsk, operation: str,
     prepared = prepare(ask, model_id, router.model(model_id), operation, inputs)
     router.check_capable(model_id, prepared.needs)
     return prepared
+
+
+def precheck(router: ModelRouter, ask: ImageAsk, caller: Caller) -> None:
+    """The checks that need no input image, for the model the request names (`auto` picks later,
+    knowing the inputs)."""
+    if ask.model == "auto":
+        return
+    model_id = router.resolve(ask.model)
+    caller.check_model(model_id)
+    validation.precheck(ask, model_id, router.model(model_id))
 
 
 def pick_auto(router: ModelRouter, auto: AutoConfig, ask: ImageAsk, operation: str, inputs: Inputs,

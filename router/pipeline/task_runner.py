@@ -144,13 +144,14 @@ class TaskRunner:
         # A plain task, not a task group: the group would wrap our ApiErrors in an ExceptionGroup.
         reporter = asyncio.create_task(self._report_progress(record.id, done))
         try:
+            inputs = await self.delivery.keep_inputs(prepared.inputs, record.key_id)
             served = await self._route_when_free(prepared)
             delivered = await self.delivery.deliver(prepared, served)
         finally:
             reporter.cancel()
         await self.delivery.store(delivered.images, record.key_id)
         items = [image_item(image, artifact_id=image.artifact.id) for image in delivered.images if image.artifact]
-        result = images_body(items, delivered, prepared, delivered.price.body())
+        result = images_body(items, delivered, prepared, delivered.price.body(), inputs)
         return "succeeded", result, None, delivered.price.cost_micros
 
     async def _route_when_free(self, prepared: Prepared) -> Served:

@@ -32,6 +32,7 @@ class Prepared:
     stream: bool
     partial_images: int
     price: Price  # of the whole request as asked: what is held before it runs
+    inputs: Inputs  # the input images as given (request.images are the same), with their artifact ids
 
 
 def check_extra_fields(ask: ImageAsk, model: ModelConfig) -> dict[str, object]:
@@ -153,6 +154,18 @@ def _check_prompt(ask: ImageAsk) -> str:
     return ask.prompt
 
 
+def precheck(ask: ImageAsk, model_id: str, model: ModelConfig) -> None:
+    """What can be checked before the input images are read (a URL input is fetched only for a
+    request whose other fields hold): extra fields, prompt, n, an explicit size, the format."""
+    check_extra_fields(ask, model)
+    _check_prompt(ask)
+    if (ask.n or 1) > model.limits.max_n:
+        raise invalid(f"n must be between 1 and {model.limits.max_n} for model '{model_id}'", "n")
+    if ask.size and ask.size != "auto":
+        resolve_size(ask, model, Inputs())
+    _output_format(ask)
+
+
 def prepare(ask: ImageAsk, model_id: str, model: ModelConfig, operation: str, inputs: Inputs) -> Prepared:
     """Validate `ask` against the model and build the normalized request, priced."""
     extra = check_extra_fields(ask, model)
@@ -179,6 +192,7 @@ def prepare(ask: ImageAsk, model_id: str, model: ModelConfig, operation: str, in
         hints=ask.hints, tuning=ask.tuning, extra=extra,
         partial_images=ask.partial_images if ask.stream else ask.previews,
     )
+    price = Price.for_request(model, model_id, operation, ask.quality, width, height, n)
     return Prepared(model_id=model_id, request=request, needs=_needs(operation, ask, inputs),
                     response_format=ask.response_format or "b64_json", stream=ask.stream,
-                    partial_images=ask.partial_images, price=Price.for_request(model, model_id, operation, ask.quality, width, height, n))
+                    partial_images=ask.partial_images, price=price, inputs=inputs)

@@ -1,7 +1,8 @@
 """Bad requests change nothing, so one gateway and one fake upstream serve a whole module.
 
-Starting and stopping a server per test would dominate the run time. `fake_openai` is reset
-before each test; a test that makes the upstream misbehave starts its own pair (`isolated`).
+Starting and stopping a server per test would dominate the run time. `fake_openai` and the
+gateway's artifacts are reset before each test; a test that makes the upstream misbehave starts
+its own pair (`isolated`).
 These `gateway` and `fake_openai` override the ones of tests/conftest.py in this folder.
 """
 
@@ -33,7 +34,11 @@ def fake_openai(shared: tuple[Gateway, FakeOpenAI]) -> FakeOpenAI:
 
 @pytest.fixture
 def gateway(shared: tuple[Gateway, FakeOpenAI], fake_openai: FakeOpenAI) -> Gateway:
-    return shared[0]
+    """The shared gateway, its artifacts (every answered image is one) cleared like the fake's requests."""
+    gw = shared[0]
+    for stored in gw.state.artifacts.dir.glob("art_*"):
+        stored.unlink()
+    return gw
 
 
 @pytest.fixture
