@@ -29,6 +29,7 @@ from .services import open_services
 OPENAI = [
     Route("/v1/images/generations", openai_images.generations, methods=["POST"]),
     Route("/v1/images/edits", openai_images.edits, methods=["POST"]),
+    Route("/v1/images/image-to-image", openai_images.image_to_image, methods=["POST"]),
     Route("/v1/models", openai_resources.list_models, methods=["GET"]),
     Route("/v1/models/{model_id:path}", openai_resources.get_model, methods=["GET"]),
     Route("/v1/usage", openai_resources.usage, methods=["GET"]),

@@ -28,13 +28,13 @@ from ..pipeline import (
 from ..services import Services
 from .bodies import form_inputs, media_type, read_form, read_json, read_object
 from .context import caller_of, disconnected, idempotency_key, mark
-from .openai_schemas import EditBody, GenerationBody, parse_body
+from .openai_schemas import EditBody, GenerationBody, ImageToImageBody, parse_body
 from .responses import reply_response
 from .sse import completed_stream, live_stream
 from .task_views import accepted
 
 CLIENT_CLOSED = 499  # nginx's code for "the client went away", for the logs
-GENERATIONS, EDITS = "/v1/images/generations", "/v1/images/edits"
+GENERATIONS, EDITS, IMAGE_TO_IMAGE = "/v1/images/generations", "/v1/images/edits", "/v1/images/image-to-image"
 
 
 async def generations(request: Request) -> Response:
@@ -58,11 +58,25 @@ async def edits(request: Request) -> Response:
     return await _serve(request, services, body, "edit", inputs, lambda: fingerprint(EDITS, fields, inputs.blobs()))
 
 
+async def image_to_image(request: Request) -> Response:
+    """Seed 003's endpoint: `image` plus up to 15 `extra_images` (URLs, artifact ids, data URIs);
+    answered 202 with the task unless `"async": false`."""
+    services = mark(request, IMAGE_TO_IMAGE)
+    fields = await read_object(request)
+    refs = ImageRefs.take_references(fields)
+    body = parse_body(ImageToImageBody, fields)
+    services.pipeline.precheck(body.ask(), caller_of(request))  # before any URL is fetched
+    inputs = await services.pipeline.resolve_inputs(refs, caller_of(request))
+    return await _serve(request, services, body, "edit", inputs,
+                        lambda: fingerprint(IMAGE_TO_IMAGE, fields, inputs.blobs()), as_task=body.is_async is not False)
+
+
 async def _serve(request: Request, services: Services, body: GenerationBody, operation: str, inputs: Inputs,
-                 print_: Callable[[], str]) -> Response:
+                 print_: Callable[[], str], as_task: bool | None = None) -> Response:
     pipeline, caller = services.pipeline, caller_of(request)
     prepared = pipeline.prepare(body.ask(), operation, inputs, caller, partial(setattr, request.state, "model"))
-    as_task = bool(body.is_async) or "respond-async" in request.headers.get("prefer", "")
+    if as_task is None:
+        as_task = bool(body.is_async) or "respond-async" in request.headers.get("prefer", "")
     key = idempotency_key(request)
     if prepared.stream and as_task:
         raise invalid("a request is either streamed or run as an async task, not both", "async")

@@ -3,6 +3,7 @@ pipeline's (router/pipeline/validation.py); `ask()` hands a body over to it."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -70,6 +71,21 @@ class EditBody(GenerationBody):
 
     def edit_strength(self) -> float | None:
         return self.strength
+
+
+class ImageToImageBody(EditBody):
+    """POST /v1/images/image-to-image (seed 003): references in, images out, a task by default."""
+
+    quality: Literal["standard", "hd"] | None = None
+    aspect_ratio: Literal["auto", "1:1", "16:9", "9:16", "4:3", "3:4", "2:1"] | None = None
+    n: int | None = Field(default=None, ge=1, le=4)
+
+    def ask(self) -> ImageAsk:
+        if self.quality == "hd" and self.aspect_ratio in (None, "auto"):
+            raise invalid("aspect_ratio 'auto' runs only at standard quality; give an aspect_ratio for hd",
+                          "aspect_ratio")
+        ask = super().ask()
+        return replace(ask, aspect_ratio=None if self.aspect_ratio == "auto" else self.aspect_ratio)
 
 
 _NUMBERS = {"n", "seed", "steps", "guidance_scale", "output_compression", "partial_images", "strength"}

@@ -3,6 +3,7 @@ a 202 with. The tasks themselves run in the pipeline (router/pipeline/task_runne
 
 from __future__ import annotations
 
+from decimal import Decimal
 from typing import Any
 
 import pybase64
@@ -26,11 +27,23 @@ def task_object(pipeline: Pipeline, caller: Caller, task: TaskRecord,
     refunded = held - charged if task.status in ("failed", "canceled", "succeeded") else 0
     billing = {k: v for k, v in task.billing.items() if not k.endswith("_micros")}
     billing.update(held=held / float(MICRO), charged=charged / float(MICRO), refunded=refunded / float(MICRO))
-    return {"id": task.id, "object": "image.task", "status": task.status, "progress": task.progress,
-            "created_at": int(task.created_at), "started_at": _int(task.started_at),
+    rate = pipeline.cfg.billing.credits_per_usd
+    if rate is not None:  # seed 003's display unit; the ledger stays exact micro-dollars
+        billing.update({f"{name}_credits": float(Decimal(micros) * rate / MICRO)
+                        for name, micros in (("held", held), ("charged", charged), ("refunded", refunded))})
+    return {"id": task.id, "task_id": task.id, "object": "image.task", "status": task.status,
+            "progress": task.progress, "created_at": int(task.created_at), "started_at": _int(task.started_at),
             "finished_at": _int(task.finished_at), "expires_at": int(task.expires_at), "model": task.model,
             "operation": task.operation, "result": _result(pipeline, caller, task, images or {}),
-            "error": task.error, "billing": billing}
+            "output": _output(pipeline, caller, task), "error": task.error, "billing": billing}
+
+
+def _output(pipeline: Pipeline, caller: Caller, task: TaskRecord) -> dict[str, Any] | None:
+    """Seed 003's view of a succeeded task: each image as a signed URL and its artifact id."""
+    if task.result is None:
+        return None
+    return {"images": [{"url": pipeline.url_for(caller, item["artifact_id"], int(task.expires_at)),
+                        "artifact_id": item["artifact_id"]} for item in task.result["data"]]}
 
 
 def _int(value: float | None) -> int | None:

@@ -103,6 +103,25 @@ class ImageRefs:
         return refs
 
 
+    @classmethod
+    def take_references(cls, body: dict[str, Any]) -> ImageRefs:
+        """Seed 003's `image` (one, required) and `extra_images` (up to 15 more); removed from `body`."""
+        refs = cls()
+        image = body.pop("image", None)
+        if image is None:
+            raise invalid("'image' is required: the reference to start from", "image",
+                          code="missing_required_parameter")
+        refs.images.append((image, "image"))
+        extra = body.pop("extra_images", None)
+        if extra is not None:
+            if not isinstance(extra, list):
+                raise invalid("'extra_images' must be a list of image references", "extra_images")
+            if len(extra) > MAX_INPUT_IMAGES - 1:
+                raise invalid(f"at most {MAX_INPUT_IMAGES - 1} extra_images", "extra_images")
+            refs.images += [(r, f"extra_images[{i}]") for i, r in enumerate(extra)]
+        return refs
+
+
 async def resolve_inputs(refs: ImageRefs, store: ArtifactStore, max_pixels: int, fetch: Policy | None = None,
                          owner: str | None = None) -> Inputs:
     inputs = Inputs()

@@ -58,7 +58,7 @@ class FakeOpenAI(FakeUpstream):
         self.api_key = api_key
         self.noise = noise  # random-pixel PNGs (big, realistic size) instead of solid colours
         self.requests: list[Recorded] = []
-        self.mode = "b64"  # b64 | url | foreign_url | garbage | not_image | empty
+        self.mode = "b64"  # b64 | url | foreign_url | garbage | not_image | empty | few
         self.fail_status: int | None = None
         self.fail_times = 0
         self.error_body: dict[str, Any] | None = None
@@ -131,6 +131,8 @@ class FakeOpenAI(FakeUpstream):
                 data.append({"b64_json": base64.b64encode(image).decode()})
         if self.mode == "empty":
             data = []
+        elif self.mode == "few":  # one image fewer than asked, as some upstreams do
+            data = data[:-1] or data
         body = {"created": int(time.time()), "data": data, "output_format": fmt, "size": f"{width}x{height}"}
         return Response(orjson.dumps(body), media_type="application/json")
 
