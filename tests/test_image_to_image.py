@@ -181,7 +181,8 @@ def test_bad_image_to_image_changes_nothing(tmp_path: Path, fake_openai: FakeOpe
     before, start = stored(tmp_path), client.balance()
     body = {"model": "studio", "prompt": "p", "image": data_uri(png_bytes(64, 64)), **fields}
     body = {k: v for k, v in body.items() if v is not None}
-    body["extra_images"] = [data_uri(png_bytes(64, 64)) if ref == "IMG" else ref for ref in body.get("extra_images", [])]
+    good = data_uri(png_bytes(64, 64))
+    body["extra_images"] = [good if ref == "IMG" else ref for ref in body.get("extra_images", [])]
     answer = client.post(I2I, **body)
     assert answer.status_code == status, answer.text
     assert answer.json()["error"]["param"] == param
