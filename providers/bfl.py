@@ -181,6 +181,9 @@ class BFLProvider(HTTPProvider):
         family = family_of(model, options.get("family"))
         assert family is not None  # `unsupported` ran first
         tolerance = options.get("safety_tolerance", self.options.safety_tolerance)
+        asked = request.tuning.get("safety_tolerance")  # a client's, within the operator's bound
+        if isinstance(asked, int):
+            tolerance = min(asked, tolerance)
         fields: dict[str, Any] = {
             "prompt": request.prompt,
             "output_format": "jpeg" if request.output_format == "jpeg" else "png",  # no webp: the gateway converts

@@ -145,6 +145,11 @@ class GeminiProvider(HTTPProvider):
     def body(self, request: ImageRequest, parts: list[dict[str, Any]], seed: int) -> dict[str, Any]:
         config = image_config(request.width, request.height, ratios=self.options.aspect_ratios,
                               send_image_size=self.options.send_image_size)
+        # A client that named Gemini's own ratio and tier (the native surface) gets them as asked.
+        if isinstance(ratio := request.tuning.get("aspect_ratio"), str):
+            config["aspectRatio"] = ratio
+        if isinstance(tier := request.tuning.get("image_size"), str) and self.options.send_image_size:
+            config["imageSize"] = tier
         # Fields a model's `allow_extra_fields` lets through (temperature, …) go in generationConfig; ours win.
         generation = {**request.extra, "responseModalities": list(self.options.response_modalities),
                       "imageConfig": config, "seed": seed}

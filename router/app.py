@@ -18,7 +18,7 @@ from starlette.routing import Route
 
 from .config import Config, SurfacesConfig, load
 from .errors import ApiError
-from .http import a1111, admin, health, openai_images, openai_resources, task_views
+from .http import a1111, admin, health, native, openai_images, openai_resources, task_views
 from .http.auth import AuthMiddleware
 from .http.middleware import GatewayMiddleware
 from .http.responses import api_error_handler, http_error_handler
@@ -52,7 +52,8 @@ OPERATIONS = [
 
 def routes(surfaces: SurfacesConfig) -> list[Route]:
     """The route table: the surfaces the config turns on, and the operator's endpoints."""
-    return [*(OPENAI if surfaces.openai else []), *(a1111.routes() if surfaces.a1111 else []), *OPERATIONS]
+    return [*(OPENAI if surfaces.openai else []), *(a1111.routes() if surfaces.a1111 else []), *native.routes(),
+            *OPERATIONS]
 
 
 def create_app(cfg: Config) -> Starlette:

@@ -113,6 +113,9 @@ class SurfacesConfig(_Strict):
 
     openai: bool = True  # /v1
     a1111: bool = True  # /sdapi/v1 and /v2/automatic1111/sdapi/v1
+    # Seed 004's family endpoints (/v2/image/{family}/…) → the configured model serving each;
+    # an unmapped family is a 404. qwen-edit defaults to qwen's model.
+    native: dict[Literal["flux", "gemini-3", "gpt-image", "qwen", "qwen-edit"], str] = Field(default_factory=dict)
 
 
 class AutoConfig(_Strict):
@@ -338,6 +341,9 @@ def _cross_problems(raw: dict[str, Any]) -> list[str]:
                 problems.append(f"models.{model_id}.sizes[{i}]: '{size}' is outside the model's limits")
         if model.sizes and model.default_size not in model.sizes and "default_size" in model.model_fields_set:
             problems.append(f"models.{model_id}.default_size: not one of the model's sizes")
+    for family, model_id in _mapping(_mapping(raw.get("surfaces")).get("native")).items():
+        if isinstance(model_id, str) and model_id not in names:
+            problems.append(f"surfaces.native.{family}: unknown model '{model_id}'")
     default_model = raw.get("default_model")
     if isinstance(default_model, str) and default_model not in names:
         problems.append(f"default_model: unknown model '{default_model}'")

@@ -38,6 +38,9 @@ class ImageAsk:
     tuning: dict[str, Any] = field(default_factory=dict)
     # Previews to make even without a stream (the A1111 surface's /progress shows the latest).
     previews: int = 0
+    # How long the result images must stay fetchable, when a surface promises more than
+    # artifacts.ttl_hours (seed 004's qwen URLs: 7 days).
+    keep_s: int | None = None
     # Fields the surface does not know: a 400 unless the model passes them through.
     extra: dict[str, Any] = field(default_factory=dict)
 

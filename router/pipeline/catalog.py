@@ -7,6 +7,7 @@ from typing import Any
 
 from ..config import ModelConfig
 from ..routing import ModelRouter
+from .validation import nearest_size
 
 _STARTED = int(time.time())
 
@@ -25,6 +26,11 @@ class Catalog:
     def resolve(self, name: str) -> str:
         """The model id a name or alias stands for; 404 for an unknown one."""
         return self.router.resolve(name)
+
+    def nearest_size(self, model_id: str, ratio: float, pixels: int) -> str:
+        """The model's legal size with this aspect ratio nearest to `pixels` in area, as WxH."""
+        width, height = nearest_size(ratio, pixels, self.router.model(model_id))
+        return f"{width}x{height}"
 
     def knows(self, name: str) -> bool:
         return name in self.router.names

@@ -124,7 +124,7 @@ class Pipeline:
                          inputs: list[str]) -> Generation:
         delivered = await self.delivery.deliver(prepared, served)
         if not prepared.stream:  # every answered image is an artifact its owner can feed back; streams carry base64
-            await self.delivery.store(delivered.images, caller.owner)
+            await self.delivery.store(delivered.images, caller.owner, prepared.keep_s)
         billing = delivered.price.body()
         if admitted.hold is not None:
             billing.update(admitted.hold.body(delivered.price.cost_micros))

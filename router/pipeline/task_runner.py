@@ -101,7 +101,7 @@ class TaskRunner:
             operation=prepared.request.operation, response_format=prepared.response_format,
             hold_id=hold.id if hold else None, slot_id=admitted.slot,
             billing={**prepared.price.body(), "held_micros": hold.micros if hold else 0, "charged_micros": 0},
-            ttl_s=self.artifacts.ttl_s, owner=self.replica, lease_s=self.lease_s)
+            ttl_s=max(self.artifacts.ttl_s, prepared.keep_s or 0), owner=self.replica, lease_s=self.lease_s)
         self.metrics.tasks.labels("submitted").inc()
         task = self.running[record.id] = asyncio.create_task(self._run(record, prepared))
         # Not in `_run`'s finally: a task cancelled before its first step never runs that.
@@ -149,7 +149,7 @@ class TaskRunner:
             delivered = await self.delivery.deliver(prepared, served)
         finally:
             reporter.cancel()
-        await self.delivery.store(delivered.images, record.key_id)
+        await self.delivery.store(delivered.images, record.key_id, prepared.keep_s)
         items = [image_item(image, artifact_id=image.artifact.id) for image in delivered.images if image.artifact]
         result = images_body(items, delivered, prepared, delivered.price.body(), inputs)
         return "succeeded", result, None, delivered.price.cost_micros

@@ -33,6 +33,7 @@ class Prepared:
     partial_images: int
     price: Price  # of the whole request as asked: what is held before it runs
     inputs: Inputs  # the input images as given (request.images are the same), with their artifact ids
+    keep_s: int | None = None  # the results' lifetime, when longer than the artifacts' default
 
 
 def check_extra_fields(ask: ImageAsk, model: ModelConfig) -> dict[str, object]:
@@ -195,4 +196,4 @@ def prepare(ask: ImageAsk, model_id: str, model: ModelConfig, operation: str, in
     price = Price.for_request(model, model_id, operation, ask.quality, width, height, n)
     return Prepared(model_id=model_id, request=request, needs=_needs(operation, ask, inputs),
                     response_format=ask.response_format or "b64_json", stream=ask.stream,
-                    partial_images=ask.partial_images, price=price, inputs=inputs)
+                    partial_images=ask.partial_images, price=price, inputs=inputs, keep_s=ask.keep_s)
