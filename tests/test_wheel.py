@@ -61,7 +61,8 @@ def test_the_wheel_holds_one_top_level_package(wheel: Path) -> None:
         tops = {line.split("/", 1)[0] for line in archive.read(record).decode().splitlines() if line}
         metadata = archive.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
     assert {t for t in tops if not t.endswith(".dist-info")} == {"imagegate"}
-    for shipped in ("imagegate/config/default.yaml", "imagegate/config/example.yaml", "imagegate/router/app.py",
+    for shipped in ("imagegate/config/default.yaml", "imagegate/config/example.yaml",
+                    "imagegate/config/examples/hosted.yaml", "imagegate/router/app.py",
                     "imagegate/providers/base.py", "imagegate/local_backend/jobs.py"):
         assert shipped in names
     assert not any(n.startswith("imagegate/tests") or "/bench/" in n for n in names)
