@@ -151,7 +151,7 @@ async def progress(request: Request) -> Response:
     image = None
     if job is not None and job.preview is not None and request.query_params.get("skip_current_image") != "true":
         image = pybase64.b64encode(job.preview).decode("ascii")
-    state = {"skipped": False, "interrupted": bool(job and job.interrupted.is_set()), "stopping_generation": False,
+    state = {"skipped": False, "interrupted": bool(job and job.interrupted), "stopping_generation": False,
              "job": job.model_id if job else "", "job_count": len(jobs),
              "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.gmtime(job.started_at)) if job else "0",
              "job_no": 0, "sampling_step": job.step if job else 0, "sampling_steps": job.steps if job else 0}

@@ -24,7 +24,7 @@ from .admission import Admission
 from .asks import ImageAsk, Inputs
 from .caller import Caller
 from .catalog import Catalog
-from .delivery import ClientGone, Delivery, Gone
+from .delivery import Delivery, Gone
 from .drain import Drain
 from .idempotency import Idempotency, Reply
 from .inputs import ImageRefs, check_image, resolve_input, resolve_inputs, white_mask
@@ -96,13 +96,9 @@ class Pipeline:
         (then the work is cancelled and `ClientGone` raised). While it runs it is on the job board:
         its progress can be read, and the caller can interrupt it (then `Interrupted`)."""
         admitted = await self.admit(prepared, caller)
-        with self.jobs.track(caller, prepared.model_id, prepared.request) as job:
-            try:
-                return await self.run(prepared, caller, admitted, job.watch(gone))
-            except ClientGone:
-                if job.interrupted.is_set():
-                    raise Interrupted() from None
-                raise
+        with self.jobs.track(caller, prepared.model_id, prepared.request) as job, job.scope:
+            return await self.run(prepared, caller, admitted, gone)
+        raise Interrupted()  # only an interrupt cancels the job's scope; the hold was settled (shielded)
 
     async def run(self, prepared: Prepared, caller: Caller, admitted: Admitted, gone: Gone | None = None) -> Generation:
         """Route, deliver and settle an admitted request: the hold captures what was delivered."""

@@ -16,7 +16,7 @@ import anyio
 from imagegate.providers.base import ImageRequest
 
 from .caller import Caller
-from .delivery import ClientGone, Gone
+from .delivery import ClientGone
 
 
 class Interrupted(ClientGone):
@@ -30,30 +30,13 @@ class RunningJob:
     step: int = 0
     steps: int = 0
     preview: bytes | None = None  # the latest preview PNG, where the backend makes them
-    interrupted: anyio.Event = field(default_factory=anyio.Event)
+    interrupted: bool = False
+    # The scope the request runs in: an interrupt cancels it (a scope costs nothing; a watcher task would).
+    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
 
     @property
     def fraction(self) -> float:
         return self.step / self.steps if self.steps else 0.0
-
-    def watch(self, gone: Gone | None) -> Gone:
-        """Waits for the client to leave or for an interrupt, whichever comes first."""
-
-        async def either() -> None:
-            async with anyio.create_task_group() as tg:
-                async def interrupt() -> None:
-                    await self.interrupted.wait()
-                    tg.cancel_scope.cancel()
-
-                async def left() -> None:
-                    if gone is not None:
-                        await gone()
-                        tg.cancel_scope.cancel()
-
-                tg.start_soon(interrupt)
-                tg.start_soon(left)
-
-        return either
 
 
 class JobBoard:
@@ -93,5 +76,6 @@ class JobBoard:
         """Interrupt every running request of the caller; how many."""
         jobs = self.of(caller)
         for job in jobs:
-            job.interrupted.set()
+            job.interrupted = True
+            job.scope.cancel()
         return len(jobs)
