@@ -100,6 +100,7 @@ class RouteOptions(BaseModel):
 
 class A1111Provider(HTTPProvider):
     kind = "a1111"
+    honours = frozenset({"negative_prompt", "steps", "guidance_scale"})
     # Several init images are a batch to A1111, not references: no multi-reference. No alpha output.
     capabilities = frozenset({"generate", "edit", "inpaint"})
     Options = A1111Options

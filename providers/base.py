@@ -126,6 +126,9 @@ class Provider(ABC):
 
     kind: ClassVar[str] = ""
     capabilities: ClassVar[frozenset[str]] = frozenset({"generate"})
+    # The request fields this kind can express upstream (the gateway does sizes, formats and seeds'
+    # bookkeeping itself); a client is told the others are ignored.
+    honours: ClassVar[frozenset[str]] = frozenset({"negative_prompt", "steps", "guidance_scale", "quality"})
     # The pydantic model that validates this kind's YAML options (a ProviderOptions subclass).
     Options: ClassVar[type[Any]]
 

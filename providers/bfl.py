@@ -134,6 +134,7 @@ def reasons(details: Any) -> str:
 
 class BFLProvider(HTTPProvider):
     kind = "bfl"
+    honours = frozenset({"steps", "guidance_scale"})
     capabilities = frozenset({"generate", "edit", "inpaint", "multi-reference"})
     Options = BFLOptions
     options: BFLOptions

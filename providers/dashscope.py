@@ -100,6 +100,7 @@ class _Task:
 
 class DashScopeProvider(HTTPProvider):
     kind = "dashscope"
+    honours = frozenset({"negative_prompt"})
     capabilities = frozenset({"generate", "edit", "multi-reference"})
     Options = DashScopeOptions
     options: DashScopeOptions

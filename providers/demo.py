@@ -59,6 +59,7 @@ def _apply_edit(picture: Image.Image, request: ImageRequest) -> Image.Image:
 
 class DemoProvider(Provider):
     kind = "demo"
+    honours = frozenset()
     capabilities = frozenset({"generate", "edit", "inpaint", "multi-reference", "transparent"})
     Options = ProviderOptions
 
@@ -71,10 +72,20 @@ class DemoProvider(Provider):
         data = encode(picture, request.output_format, compression=request.output_compression, png_level=1)
         return GeneratedImage(data=data, seed=seed)
 
+    def _preview(self, request: ImageRequest, index: int) -> bytes:
+        """A coarse rendering of the first image, finer with each index (8, 16, 32 … pixels wide)."""
+        side = 8 * 2**index
+        small = render(request.prompt, request.seed_for(0), side, max(1, side * request.height // request.width))
+        return encode(small.resize((request.width, request.height)), "png", png_level=1)
+
     async def generate(self, request: ImageRequest) -> ProviderResult:
         # Pillow releases the GIL while encoding, so a worker thread keeps the event loop free.
         images = []
         for i in range(request.n):
+            if i == 0 and request.partial_images and request.on_partial is not None:
+                # Previews as a diffusion backend sends them: here, the first image, coarse.
+                for index in range(request.partial_images):
+                    request.on_partial(index, await anyio.to_thread.run_sync(self._preview, request, index))
             images.append(await anyio.to_thread.run_sync(self._make, request, i))
             if request.on_progress is not None:
                 request.on_progress(i + 1, request.n)

@@ -61,6 +61,7 @@ class DiffusersOptions(ProviderOptions):
 
 class DiffusersProvider(Provider):
     kind = "diffusers"
+    honours = frozenset({"negative_prompt", "steps", "guidance_scale"})
     capabilities = frozenset({"generate", "edit", "inpaint"})
     Options = DiffusersOptions
     options: DiffusersOptions

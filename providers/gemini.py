@@ -112,6 +112,7 @@ def image_config(width: int, height: int, *, ratios: tuple[str, ...] | list[str]
 
 class GeminiProvider(HTTPProvider):
     kind = "gemini"
+    honours = frozenset()
     capabilities = frozenset({"generate", "edit", "multi-reference"})
     Options = GeminiOptions
     options: GeminiOptions

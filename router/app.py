@@ -18,7 +18,7 @@ from starlette.routing import Route
 
 from .config import Config, SurfacesConfig, load
 from .errors import ApiError
-from .http import a1111, admin, health, native, openai_images, openai_resources, task_views
+from .http import a1111, admin, health, native, openai_images, openai_resources, task_views, ui
 from .http.auth import AuthMiddleware
 from .http.middleware import GatewayMiddleware
 from .http.responses import api_error_handler, http_error_handler
@@ -43,6 +43,7 @@ OPERATIONS = [
     Route("/readyz", health.readyz, methods=["GET"]),
     Route("/metrics", health.metrics, methods=["GET"]),
     Route("/admin/providers", admin.provider_health, methods=["GET"]),
+    Route("/admin/usage", admin.usage_by_model, methods=["GET"]),
     Route("/admin/keys", admin.create_key, methods=["POST"]),
     Route("/admin/keys", admin.list_keys, methods=["GET"]),
     Route("/admin/keys/{key_id}/revoke", admin.revoke_key, methods=["POST"]),
@@ -53,7 +54,7 @@ OPERATIONS = [
 def routes(surfaces: SurfacesConfig) -> list[Route]:
     """The route table: the surfaces the config turns on, and the operator's endpoints."""
     return [*(OPENAI if surfaces.openai else []), *(a1111.routes() if surfaces.a1111 else []), *native.routes(),
-            *OPERATIONS]
+            *(ui.routes() if surfaces.ui else []), *OPERATIONS]
 
 
 def create_app(cfg: Config) -> Starlette:

@@ -116,6 +116,7 @@ class SurfacesConfig(_Strict):
     # Seed 004's family endpoints (/v2/image/{family}/…) → the configured model serving each;
     # an unmapped family is a 404. qwen-edit defaults to qwen's model.
     native: dict[Literal["flux", "gemini-3", "gpt-image", "qwen", "qwen-edit"], str] = Field(default_factory=dict)
+    ui: bool = True  # the web page at /ui/ (and / redirecting there)
 
 
 class AutoConfig(_Strict):

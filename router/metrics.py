@@ -58,6 +58,15 @@ class Metrics:
         self.requests.labels(endpoint, model, str(status)).inc()
         self.latency.labels(endpoint, model, str(status)).observe(seconds)
 
+    def delivered_by_model(self) -> dict[str, dict[str, float]]:
+        """This process's delivered images, megapixels and cost per model (the console's view)."""
+        out: dict[str, dict[str, float]] = {}
+        for name, counter in (("images", self.images), ("megapixels", self.megapixels), ("cost_usd", self.cost)):
+            for sample in (s for metric in counter.collect() for s in metric.samples):
+                if sample.name.endswith("_total"):
+                    out.setdefault(sample.labels["model"], {})[name] = sample.value
+        return out
+
     def render(self) -> tuple[bytes, str]:
         if multiprocess():
             registry = CollectorRegistry()

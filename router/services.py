@@ -71,7 +71,7 @@ class Services:
                     "retry_after_s": h.breaker.retry_after() if h.breaker.state.name == "OPEN" else 0,
                     "in_flight": h.limiter.in_flight, "queued": h.limiter.waiting,
                     "max_concurrency": h.limiter.concurrency, "max_queue": h.limiter.max_queue,
-                    "latency_s": h.latency.mean})
+                    "latency_s": h.latency.mean, "last_error": h.last_error, "last_error_at": h.last_error_at})
             out[name] = item
         return out
 

@@ -11,7 +11,7 @@ from starlette.responses import Response
 from ..errors import ApiError, invalid
 from ..money import usd_to_micros
 from ..services import Services
-from .bodies import read_object
+from .bodies import media_type, read_object
 from .context import mark
 from .health import bearer_matches
 from .responses import JSONResponse
@@ -21,12 +21,29 @@ _CREATE_FIELDS = {"name", "credits", "models", "rpm", "concurrency"}
 
 def _admin(request: Request, endpoint: str) -> Services:
     services = mark(request, endpoint)
+    if request.method != "GET":
+        _same_site(request)
+        # No form a page could post (forms always say their type); a body-less call from a script or
+        # the CLI's twin says none, and the Origin check above covers browsers.
+        if media_type(request) not in ("", "application/json"):
+            raise ApiError(415, "admin writes need Content-Type: application/json", code="unsupported_media_type")
     key = services.cfg.auth.admin_key
     if not key:
         raise ApiError(404, "the admin API is off: set auth.admin_key to turn it on", code="not_found")
     if not bearer_matches(request, key):
         raise ApiError(401, "the admin API needs the admin key as a bearer token", code="invalid_admin_key")
     return services
+
+
+def _same_site(request: Request) -> None:
+    """A write must come from this origin: a browser says where a request comes from, and a page
+    elsewhere must not drive an admin's console (the admin key is only half of it)."""
+    site = request.headers.get("sec-fetch-site")
+    if site is not None and site not in ("same-origin", "none"):
+        raise ApiError(403, "cross-site admin writes are refused", code="cross_site_request")
+    origin = request.headers.get("origin")
+    if origin is not None and origin != f"{request.url.scheme}://{request.url.netloc}":
+        raise ApiError(403, "cross-origin admin writes are refused", code="cross_site_request")
 
 
 def _credits(value: Any, *, allow_zero: bool) -> int:
@@ -56,6 +73,12 @@ async def provider_health(request: Request) -> Response:
     """Every provider instance with its circuit, load and observed latency."""
     services = _admin(request, "/admin/providers")
     return JSONResponse({"object": "list", "data": services.provider_report()})
+
+
+async def usage_by_model(request: Request) -> Response:
+    """Images, megapixels and cost delivered per model, from this gateway's own counters."""
+    services = _admin(request, "/admin/usage")
+    return JSONResponse({"object": "list", "data": services.metrics.delivered_by_model()})
 
 
 async def create_key(request: Request) -> Response:

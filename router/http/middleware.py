@@ -34,12 +34,17 @@ class GatewayMiddleware:
         state = scope.setdefault("state", {})
         state["request_id"] = request_id.decode()
         status, response_started = 500, False
+        path: str = scope["path"]
+        private = path == "/v1/usage" or path.startswith("/admin/")
 
         async def send_with_id(message: Message) -> None:
             nonlocal status, response_started
             if message["type"] == "http.response.start":
                 status, response_started = message["status"], True
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id)]
+                extra = [(b"x-request-id", request_id)]
+                if private:  # a balance or a key list must not sit in a cache
+                    extra.append((b"cache-control", b"no-store"))
+                message["headers"] = [*message.get("headers", []), *extra]
             await send(message)
 
         declared = dict(scope["headers"]).get(b"content-length", b"")

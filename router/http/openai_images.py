@@ -29,7 +29,7 @@ from ..services import Services
 from .bodies import form_inputs, media_type, read_form, read_json, read_object
 from .context import caller_of, disconnected, idempotency_key, mark
 from .openai_schemas import EditBody, GenerationBody, ImageToImageBody, parse_body
-from .responses import reply_response
+from .responses import JSONResponse, reply_response
 from .sse import completed_stream, live_stream
 from .task_views import accepted
 
@@ -75,6 +75,9 @@ async def _serve(request: Request, services: Services, body: GenerationBody, ope
                  print_: Callable[[], str], as_task: bool | None = None) -> Response:
     pipeline, caller = services.pipeline, caller_of(request)
     prepared = pipeline.prepare(body.ask(), operation, inputs, caller, partial(setattr, request.state, "model"))
+    if body.dry_run:
+        return JSONResponse(pipeline.quote(prepared), headers={"x-imagegate-model": prepared.model_id,
+                                                               "x-imagegate-cost": prepared.price.header()})
     if as_task is None:
         as_task = bool(body.is_async) or "respond-async" in request.headers.get("prefer", "")
     key = idempotency_key(request)
@@ -92,7 +95,8 @@ async def _serve(request: Request, services: Services, body: GenerationBody, ope
 
 def _headers(generation: Generation) -> dict[str, str]:
     return {"x-imagegate-model": generation.prepared.model_id, "x-imagegate-provider": generation.provider,
-            "x-imagegate-cost": generation.delivered.price.header()}
+            "x-imagegate-cost": generation.delivered.price.header(),
+            "x-imagegate-fallback": "true" if generation.fallback else "false"}
 
 
 async def _reply(request: Request, pipeline: Pipeline, prepared: Prepared, caller: Caller, as_task: bool) -> Reply:

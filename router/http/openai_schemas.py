@@ -41,6 +41,7 @@ class GenerationBody(BaseModel):
     moderation: Literal["auto", "low"] | None = None
     style: Literal["vivid", "natural"] | None = None
     is_async: bool | None = Field(default=None, alias="async")
+    dry_run: bool | None = None  # validate and quote only: no charge, no upstream call
 
     @field_validator("prompt")
     @classmethod

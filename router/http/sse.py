@@ -38,10 +38,13 @@ def _common(prepared: Prepared, created: int) -> dict[str, Any]:
     return {"created_at": created, "quality": req.quality or "auto", "background": req.background or "auto"}
 
 
-def _completed(kind: str, image: DeliveredImage, prepared: Prepared, created: int) -> bytes:
-    return _sse({"type": f"{kind}.completed", **image_item(image, b64_json=image.b64), **_common(prepared, created),
-                 "output_format": image.info.format, "size": f"{image.info.width}x{image.info.height}",
-                 "usage": _USAGE})
+def _completed(kind: str, image: DeliveredImage, generation: Generation, created: int) -> bytes:
+    # OpenAI's event, plus who served it and what the request cost (a stream has no headers to say it after).
+    served = {"model": generation.prepared.model_id, "provider": generation.provider,
+              "fallback": generation.fallback, "cost": float(generation.delivered.price.cost)}
+    return _sse({"type": f"{kind}.completed", **image_item(image, b64_json=image.b64),
+                 **_common(generation.prepared, created), "output_format": image.info.format,
+                 "size": f"{image.info.width}x{image.info.height}", "usage": _USAGE, "imagegate": served})
 
 
 def _partial(kind: str, index: int, png: bytes, prepared: Prepared, created: int) -> bytes:
@@ -68,7 +71,7 @@ def completed_stream(generation: Generation, headers: dict[str, str]) -> Streami
 
     async def events() -> AsyncIterator[bytes]:
         for image in generation.images:
-            yield _completed(kind, image, prepared, created)
+            yield _completed(kind, image, generation, created)
 
     return _response(events(), headers)
 
@@ -119,7 +122,7 @@ def live_stream(prepared: Prepared, headers: dict[str, str], produce: Produce,
                 await send.send(_error(internal_error()))
                 return
             for image in generation.images:
-                await send.send(_completed(kind, image, prepared, created))
+                await send.send(_completed(kind, image, generation, created))
 
     async def events() -> AsyncIterator[bytes]:
         async with anyio.create_task_group() as tg, receive:

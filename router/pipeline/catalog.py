@@ -48,6 +48,11 @@ class Catalog:
             "limits": model.limits.model_dump(), "sizes": model.sizes, "default_size": model.default_size,
             **_prices(model),
             "routes": [{"provider": r.provider, "enabled": r.provider in router.providers} for r in model.routes],
+            # The tuning fields some route of the model can express (others are ignored, not refused).
+            "honours": sorted(set().union(*(r.provider.honours for r in router.routes[model_id]))
+                              | ({"quality"} if model.quality else set())),
+            # Whether a request could be routed now: some route enabled and its circuit not open.
+            "available": any(router.health[r.provider.name].breaker.available() for r in router.routes[model_id]),
         }
 
 

@@ -9,6 +9,7 @@ what comes back; nothing here knows HTTP.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from imagegate.providers.base import InputImage
 
@@ -85,6 +86,13 @@ class Pipeline:
         """An A1111-convention mask (white = edit) as the pipeline's (transparent = edit)."""
         return await white_mask(data, param, size, invert, self.cfg.server.max_image_pixels)
 
+    def quote(self, prepared: Prepared) -> dict[str, Any]:
+        """What a validated request would hold, without holding it: `dry_run`'s answer."""
+        price = prepared.price
+        return {"object": "image.quote", "dry_run": True, "model": prepared.model_id,
+                "size": prepared.request.size, "n": prepared.request.n,
+                "billing": {**price.body(), "held": float(price.cost)}}
+
     # -- running
 
     async def admit(self, prepared: Prepared, caller: Caller) -> Admitted:
@@ -124,7 +132,8 @@ class Pipeline:
         billing = delivered.price.body()
         if admitted.hold is not None:
             billing.update(admitted.hold.body(delivered.price.cost_micros))
-        return Generation(prepared, served.route.provider.name, delivered, billing, served.result.metadata, inputs)
+        return Generation(prepared, served.route.provider.name, delivered, billing, served.result.metadata, inputs,
+                          fallback=served.route.index > 0)
 
     async def release(self, admitted: Admitted) -> None:
         """Give back what an admitted request holds (nothing was delivered, or it was settled already)."""

@@ -24,7 +24,7 @@ log = logging.getLogger("imagegate.admission")
 WAIT_POLL_S = 0.1
 # Replayed as they were; hop-by-hop and per-response headers (request id, length) are made anew.
 _KEPT_HEADERS = ("content-type", "location", "x-imagegate-model", "x-imagegate-provider", "x-imagegate-cost",
-                 "x-imagegate-task")
+                 "x-imagegate-fallback", "x-imagegate-task")
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,6 +32,7 @@ class Generation:
     billing: dict[str, Any]  # the price of what was delivered, plus the hold's amounts when metered
     metadata: dict[str, Any] = field(default_factory=dict)  # what the provider reported (sampler, …)
     inputs: list[str] = field(default_factory=list)  # the input images' artifact ids, in order
+    fallback: bool = False  # served by a later route than the model's first
 
     @property
     def images(self) -> list[DeliveredImage]:

@@ -113,6 +113,7 @@ class RouteCaller:
     def _failed(self, exc: UpstreamError, trail: Trail) -> None:
         kind = outcome(exc)
         self.metrics.attempts.labels(self.name, kind).inc()
+        self.health.last_error, self.health.last_error_at = exc.code, time.time()
         trail.paid = trail.paid or kind in _PAID
         # An upstream that answers "no" to a bad request or to moderation is alive; 429 means busy, not broken.
         if exc.fallback and kind != "429":

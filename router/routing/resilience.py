@@ -151,3 +151,5 @@ class Health:
     breaker: CircuitBreaker
     limiter: Limiter
     latency: Latency = field(default_factory=Latency)
+    last_error: str | None = None  # the code of the latest failure, for the operator's console
+    last_error_at: float | None = None
