@@ -20,6 +20,11 @@ $(FULL): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev,local,postgres]'
 	touch $(FULL) $(CORE)
 
+# The browser tests drive Debian's Chromium (playwright cannot download its own here).
+BROWSER := /usr/bin/chromium
+$(BROWSER):
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+
 .PHONY: serve test lint bench
 serve: $(CORE)
 	$(VENV)/bin/imagegate serve
@@ -30,7 +35,7 @@ lint: $(FULL)
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 
-test: lint
+test: lint $(BROWSER)
 	$(VENV)/bin/pytest -q
 
 bench: $(FULL)

@@ -63,6 +63,8 @@ def test_the_wheel_holds_one_top_level_package(wheel: Path) -> None:
     assert {t for t in tops if not t.endswith(".dist-info")} == {"imagegate"}
     for shipped in ("imagegate/config/default.yaml", "imagegate/config/example.yaml",
                     "imagegate/config/examples/hosted.yaml", "imagegate/router/app.py",
+                    "imagegate/router/http/static/index.html", "imagegate/router/http/static/playground.js",
+                    "imagegate/router/http/static/app.css", "imagegate/router/http/static/admin.js",
                     "imagegate/providers/base.py", "imagegate/local_backend/jobs.py"):
         assert shipped in names
     assert not any(n.startswith("imagegate/tests") or "/bench/" in n for n in names)
