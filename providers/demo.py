@@ -57,11 +57,18 @@ def _apply_edit(picture: Image.Image, request: ImageRequest) -> Image.Image:
     return Image.blend(source, picture, strength)
 
 
+class DemoOptions(ProviderOptions):
+    # Coarse previews when a client streams with partial_images, as a diffusion backend sends them
+    # (so the web page shows live previews without a GPU); off, the kind has no previews.
+    previews: bool = False
+
+
 class DemoProvider(Provider):
     kind = "demo"
     honours = frozenset()
     capabilities = frozenset({"generate", "edit", "inpaint", "multi-reference", "transparent"})
-    Options = ProviderOptions
+    Options = DemoOptions
+    options: DemoOptions
 
     def _make(self, request: ImageRequest, index: int) -> GeneratedImage:
         seed = request.seed_for(index)
@@ -82,7 +89,7 @@ class DemoProvider(Provider):
         # Pillow releases the GIL while encoding, so a worker thread keeps the event loop free.
         images = []
         for i in range(request.n):
-            if i == 0 and request.partial_images and request.on_partial is not None:
+            if i == 0 and self.options.previews and request.partial_images and request.on_partial is not None:
                 # Previews as a diffusion backend sends them: here, the first image, coarse.
                 for index in range(request.partial_images):
                     request.on_partial(index, await anyio.to_thread.run_sync(self._preview, request, index))

@@ -223,7 +223,7 @@ def test_steps_are_clamped_not_refused(gateway: Gateway, fake_openai: FakeOpenAI
 @pytest.mark.parametrize(("method", "path", "status", "allow"), [
     ("GET", "/v1/nope", 404, None),
     ("POST", "/v1/images/variations", 404, None),
-    ("GET", "/", 404, None),
+    ("GET", "/nope", 404, None),  # (`/` redirects to the web page: tests/test_ui_headers.py)
     ("GET", GENERATIONS, 405, "POST"),
     ("PUT", EDITS, 405, "POST"),
     ("DELETE", "/v1/models", 405, "GET"),

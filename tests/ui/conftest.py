@@ -21,7 +21,9 @@ if shutil.which("chromium") is None:  # `make test` installs it: without it, say
     pytest.fail("the `chromium` package is needed for the browser tests (make test installs it)", pytrace=False)
 
 
-@pytest.fixture(scope="session")
+# Per module, not per session: Playwright's sync API keeps an event loop running on this thread
+# while it is open, and tests after these ones run their own (asyncio.run).
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     with sync_api.sync_playwright() as playwright:
         # --no-sandbox: CI runs as root, where Chromium's sandbox cannot start.
@@ -39,6 +41,7 @@ def page_config(tmp: Path, upstream_url: str) -> dict[str, Any]:
     cfg["models"]["broken"] = {"price_per_mp": 0.01, "limits": {"min_side": 256, "max_side": 1536, "multiple_of": 16},
                                "routes": [{"provider": "down", "model": "x"}]}
     cfg["providers"]["up"].update(NO_BREAKER)
+    cfg["providers"]["demo"]["previews"] = True
     return cfg
 
 
