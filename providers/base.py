@@ -149,6 +149,10 @@ class Provider(ABC):
         reference images, …), or None. The router then skips the route without calling it."""
         return None
 
+    def report(self) -> dict[str, Any]:
+        """What this instance knows of its upstream beyond load and circuit (the admin view)."""
+        return {}
+
     def bind_metrics(self, registry: Any) -> None:
         """The gateway's prometheus CollectorRegistry, for kinds that export metrics of their own."""
 

@@ -19,6 +19,7 @@ _PATHS: dict[str, str] = {
     "dashscope": "imagegate.providers.dashscope:DashScopeProvider",
     "gemini": "imagegate.providers.gemini:GeminiProvider",
     "diffusers": "imagegate.providers.diffusers:DiffusersProvider",
+    "comfyui": "imagegate.providers.comfyui:ComfyUIProvider",
 }
 KINDS: frozenset[str] = frozenset(_PATHS)
 
@@ -29,7 +30,8 @@ def kind_class(kind: str) -> type[Provider]:
     return cls
 
 
-def create(name: str, options: dict[str, Any]) -> Provider:
-    """Build a provider instance from its raw YAML mapping (validated by the kind's Options)."""
+def create(name: str, options: dict[str, Any], base_dir: str = ".") -> Provider:
+    """Build a provider instance from its raw YAML mapping (validated by the kind's Options; files
+    it names, such as ComfyUI workflows, are relative to `base_dir`, the config file's folder)."""
     cls = kind_class(options["type"])
-    return cls(name, cls.Options.model_validate(options))
+    return cls(name, cls.Options.model_validate(options, context={"base_dir": base_dir}))

@@ -297,7 +297,7 @@ def _path(loc: tuple[Any, ...]) -> str:
     return out
 
 
-def _provider_problems(providers: dict[str, dict[str, Any]]) -> list[str]:
+def _provider_problems(providers: dict[str, dict[str, Any]], base_dir: str) -> list[str]:
     problems = []
     for name, raw in providers.items():
         kind = raw.get("type") if isinstance(raw, dict) else None
@@ -306,7 +306,7 @@ def _provider_problems(providers: dict[str, dict[str, Any]]) -> list[str]:
             problems.append(f"providers.{name}.type: unknown provider type {kind!r} (known: {known})")
             continue
         try:
-            registry.kind_class(kind).Options.model_validate(raw)
+            registry.kind_class(kind).Options.model_validate(raw, context={"base_dir": base_dir})
         except ValidationError as exc:
             problems += [f"providers.{name}.{_path(e['loc'])}: {e['msg']}" for e in exc.errors()]
     return problems
@@ -370,6 +370,12 @@ def _within(size: tuple[int, int] | None, limits: Limits) -> bool:
     return size is not None and all(limits.min_side <= side <= limits.max_side for side in size)
 
 
+def base_dir_of(source: str) -> str:
+    """The folder files named in a configuration are relative to: its own, else the working one."""
+    path = Path(source)
+    return str(path.parent) if path.is_file() else "."
+
+
 def load_text(text: str, source: str = "<string>") -> Config:
     """Parse and validate a configuration; raises ConfigError listing every problem by path."""
     try:
@@ -387,7 +393,7 @@ def load_text(text: str, source: str = "<string>") -> Config:
     except ValidationError as exc:
         problems += [f"{_path(e['loc'])}: {e['msg']}" for e in exc.errors()]
     if isinstance(raw.get("providers"), dict):
-        problems += _provider_problems(raw["providers"])
+        problems += _provider_problems(raw["providers"], base_dir_of(source))
     problems += _cross_problems(raw)
     if problems:
         raise ConfigError(problems)

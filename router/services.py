@@ -15,7 +15,7 @@ from imagegate.providers import registry
 from imagegate.providers.base import Provider
 
 from .artifacts import ArtifactStore, load_or_create_secret
-from .config import Config
+from .config import Config, base_dir_of
 from .metrics import Metrics
 from .pipeline import Pipeline
 from .pipeline.accounts import Accounts
@@ -62,7 +62,8 @@ class Services:
         """Every provider instance with its circuit, load and observed latency (the admin view)."""
         out = {}
         for name, provider in self.all_providers.items():
-            item: dict[str, Any] = {"type": provider.kind, "enabled": name in self.router.providers}
+            item: dict[str, Any] = {"type": provider.kind, "enabled": name in self.router.providers,
+                                **provider.report()}
             if name in self.disabled:
                 item["disabled_reason"] = self.disabled[name]
             if (h := self.router.health.get(name)) is not None:
@@ -88,7 +89,8 @@ def _disabled_reason(name: str, provider: Provider, cfg: Config) -> str | None:
 
 async def _start_providers(cfg: Config, metrics: Metrics) -> tuple[dict[str, Provider], dict[str, str]]:
     """Every configured instance, and why each one that will not serve is disabled."""
-    every = {name: registry.create(name, raw) for name, raw in cfg.providers.items()}
+    base_dir = base_dir_of(cfg.source)
+    every = {name: registry.create(name, raw, base_dir) for name, raw in cfg.providers.items()}
     disabled = {name: reason for name, p in every.items() if (reason := _disabled_reason(name, p, cfg))}
     for name, reason in disabled.items():
         log.warning("provider %r disabled: %s; its routes are skipped", name, reason)

@@ -18,10 +18,11 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "config" / "examples"
 
 
 def test_the_catalog_holds_the_three_setups() -> None:
-    assert sorted(p.name for p in EXAMPLES.glob("*.yaml")) == ["a1111-farm.yaml", "hosted.yaml", "local-gpu.yaml"]
+    assert sorted(p.name for p in EXAMPLES.glob("*.yaml")) == ["a1111-farm.yaml", "comfyui.yaml", "hosted.yaml",
+                                                              "local-gpu.yaml"]
 
 
-@pytest.mark.parametrize("name", ["hosted.yaml", "local-gpu.yaml", "a1111-farm.yaml"])
+@pytest.mark.parametrize("name", ["hosted.yaml", "local-gpu.yaml", "a1111-farm.yaml", "comfyui.yaml"])
 def test_check_config_accepts_each_example(name: str) -> None:
     checked = subprocess.run([sys.executable, "-m", "imagegate", "check-config", str(EXAMPLES / name)],
                              capture_output=True, text=True, check=False)
