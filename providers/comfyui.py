@@ -9,6 +9,7 @@ removes our prompt from the queue and interrupts it only if it is ours that runs
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from typing import Any
@@ -207,7 +208,7 @@ class ComfyUIProvider(HTTPProvider):
         """The prompt's end from the socket; when it is quiet (or down), from /history."""
         while True:
             with anyio.move_on_after(self.options.quiet_s):
-                return await waiter.ended
+                return await asyncio.shield(waiter.ended)  # a quiet spell must not cancel the future itself
             history = await self._history(prompt_id)
             status = history.get("status", {}) if history else {}
             if status.get("completed") or status.get("status_str") in ("success", "error"):
