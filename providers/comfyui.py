@@ -82,8 +82,10 @@ class ComfyUIProvider(HTTPProvider):
     def report(self) -> dict[str, Any]:
         if self.events is None:
             return {}
+        step = self.events.progress
         return {"socket": "connected" if self.events.connected else "down",
-                "server_queue": self.events.queue_remaining}
+                "server_queue": self.events.queue_remaining,
+                "progress": round(step[0] / step[1], 3) if step and step[1] else None}
 
     # -- which workflow --------------------------------------------------------------------------
     def _workflow(self, request: ImageRequest) -> Workflow:

@@ -45,6 +45,7 @@ class EventSocket:
         self.waiters: dict[str, Waiter] = {}
         self.running: str | None = None  # the prompt of ours ComfyUI is executing (previews carry no id)
         self.queue_remaining: int | None = None
+        self.progress: tuple[int, int] | None = None  # the running prompt's step, of steps
         self.connected = False
         self._task: asyncio.Task[None] | None = None
 
@@ -63,7 +64,7 @@ class EventSocket:
     def forget(self, prompt_id: str) -> None:
         self.waiters.pop(prompt_id, None)
         if self.running == prompt_id:
-            self.running = None
+            self.running, self.progress = None, None
 
     async def _run(self) -> None:
         delay = RECONNECT_S[0]
@@ -103,10 +104,12 @@ class EventSocket:
         prompt_id = str(data["prompt_id"])
         if kind == "execution_start":
             self.running = prompt_id
-        elif kind == "progress" and waiter.on_progress is not None:
+        elif kind == "progress":
             value, total = data.get("value"), data.get("max")
             if isinstance(value, int) and isinstance(total, int):
-                waiter.on_progress(value, total)
+                self.progress = (value, total)
+                if waiter.on_progress is not None:
+                    waiter.on_progress(value, total)
         elif kind == "execution_success" or (kind == "executing" and data.get("node") is None):
             waiter.end(Outcome("success"))
         elif kind == "execution_error":
