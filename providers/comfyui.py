@@ -21,13 +21,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from . import http
 from .base import GeneratedImage, ImageRequest, ProviderResult, UpstreamError
 from .comfyui_events import EventSocket, Outcome, Waiter
-from .comfyui_workflows import Workflow, object_info_problems
+from .comfyui_workflows import CHOSEN, Workflow, comfy_sampler, comfy_scheduler, object_info_problems
 from .imaging import white_edit_mask
 from .options import HTTPProviderOptions
 from .remote import HTTPProvider
 
 log = logging.getLogger("imagegate")
 CANCEL_TIMEOUT_S = 5.0
+# ComfyUI writes /history just after the end event (milliseconds): poll for it, up to 10 s.
+HISTORY_POLL_S, HISTORY_POLLS = 0.05, 200
 
 
 class ComfyUIOptions(HTTPProviderOptions):
@@ -133,9 +135,10 @@ class ComfyUIProvider(HTTPProvider):
         graph = workflow.filled(await self._values(request, workflow))
         prompt_id = str(uuid.uuid4())  # ours: a retry of the same call is recognisable upstream
         assert self.events is not None, "provider not started"
-        waiter = self.events.expect(prompt_id, Waiter(request.on_progress, _previews(request)))
+        waiter = self.events.expect(prompt_id, Waiter(request.on_progress, _previews(request),
+                                                  preview_size=(request.width, request.height)))
         try:
-            await self._submit(graph, prompt_id)
+            await self._submit(graph, prompt_id, workflow)
             outcome = await self._wait(prompt_id, waiter)
             return ProviderResult(images=await self._outputs(prompt_id, workflow, request, outcome),
                                   metadata={"prompt_id": prompt_id})
@@ -149,19 +152,29 @@ class ComfyUIProvider(HTTPProvider):
                 await self._quietly("POST", "/history", {"delete": [prompt_id]})
 
     async def _values(self, request: ImageRequest, workflow: Workflow) -> dict[str, Any]:
-        tuning, options = request.tuning, request.route_options
+        sampler, scheduler = self._sampling(request)
         values: dict[str, Any] = {
             "prompt": request.prompt, "negative_prompt": request.negative_prompt or "", "seed": request.seed,
             "width": request.width, "height": request.height, "n": request.n,
             "checkpoint": request.upstream_model, "steps": request.steps, "guidance_scale": request.guidance_scale,
-            "strength": request.strength, "sampler": tuning.get("sampler") or options.get("sampler"),
-            "scheduler": tuning.get("scheduler") or options.get("scheduler"),
+            "strength": request.strength, "sampler": sampler, "scheduler": scheduler,
         }
         if request.images and workflow.mapped("image"):
             values["image"] = await self._upload(request.images[0].data, request.images[0].format)
         if request.mask is not None and workflow.mapped("mask"):
             values["mask"] = await self._upload(self._mask_for(workflow, request.mask.data), "png")
         return {k: v for k, v in values.items() if v is not None}
+
+    @staticmethod
+    def _sampling(request: ImageRequest) -> tuple[str | None, str | None]:
+        """The request's sampler and scheduler, else the route's, in ComfyUI's names; "DPM++ 2M Karras"
+        brings its scheduler unless one is asked for."""
+        raw_sampler = request.tuning.get("sampler") or request.route_options.get("sampler")
+        sampler, implied = comfy_sampler(raw_sampler) if isinstance(raw_sampler, str) else (None, None)
+        raw_scheduler = request.tuning.get("scheduler")
+        asked = comfy_scheduler(raw_scheduler) if isinstance(raw_scheduler, str) else None
+        route = request.route_options.get("scheduler")
+        return sampler, asked or implied or (route if isinstance(route, str) else None)
 
     @staticmethod
     def _mask_for(workflow: Workflow, mask: bytes) -> bytes:
@@ -182,29 +195,33 @@ class ComfyUIProvider(HTTPProvider):
         folder = answer.get("subfolder") or ""
         return f"{folder}/{answer['name']}" if folder else str(answer["name"])
 
-    async def _submit(self, graph: dict[str, Any], prompt_id: str) -> None:
+    async def _submit(self, graph: dict[str, Any], prompt_id: str, workflow: Workflow) -> None:
         response = await self.send("POST", f"{self.base}/prompt",
                                    json={"prompt": graph, "client_id": self.client_id, "prompt_id": prompt_id})
         if response.status_code == 400:
-            raise self._refusal(http.parse_json(response), graph)
+            raise self._refusal(http.parse_json(response), workflow)
         if response.status_code >= 300:
             raise self.error(response)
 
-    def _refusal(self, body: Any, graph: dict[str, Any]) -> UpstreamError:
-        """A refused graph: a value out of a node's range is the request's (400, naming the node and
-        input); a missing checkpoint, model file or node class is the configuration's (502, falls back)."""
+    def _refusal(self, body: Any, workflow: Workflow) -> UpstreamError:
+        """A refused graph: a value the client chose that the node does not take (out of range, a sampler
+        it lacks) is the request's (400, naming the node and input); anything else — a missing checkpoint,
+        model file or node class, a constant of the workflow's own — is the configuration's (502, falls
+        back). When both, the configuration's comes first: the next route may take the request."""
         error = body.get("error", {}) if isinstance(body, dict) else {}
         node_errors = body.get("node_errors", {}) if isinstance(body, dict) else {}
+        rejected = None
         for node_id, found in node_errors.items() if isinstance(node_errors, dict) else []:
             for item in found.get("errors", []) if isinstance(found, dict) else []:
                 name = (item.get("extra_info") or {}).get("input_name")
                 where = f"node {node_id} ({found.get('class_type', '?')}) input {name}"
                 message = self.clean(item.get("details") or item.get("message") or "refused")
-                if item.get("type") == "value_not_in_list" or (name or "").endswith("_name"):
+                if workflow.field_at(str(node_id), str(name)) not in CHOSEN:
                     return _misconfigured(f"the server refused the workflow: {where}: {message}")
-                return UpstreamError(f"the server refused the request: {where}: {message}", status=400,
-                                     code="upstream_rejected", param=f"{node_id}.{name}")
-        return _misconfigured(f"the server refused the workflow: {self.clean(error.get('message', 'invalid'))}")
+                rejected = rejected or UpstreamError(f"the server refused the request: {where}: {message}",
+                                                     status=400, code="upstream_rejected", param=f"{node_id}.{name}")
+        return rejected or _misconfigured(
+            f"the server refused the workflow: {self.clean(error.get('message', 'invalid'))}")
 
     async def _wait(self, prompt_id: str, waiter: Waiter) -> Outcome:
         """The prompt's end from the socket; when it is quiet (or down), from /history."""
@@ -216,6 +233,14 @@ class ComfyUIProvider(HTTPProvider):
             if status.get("completed") or status.get("status_str") in ("success", "error"):
                 return _from_history(status)
 
+    async def _written_history(self, prompt_id: str) -> dict[str, Any]:
+        """The prompt's /history entry, polled for the moment ComfyUI writes it after the end event."""
+        for _ in range(HISTORY_POLLS):
+            if (history := await self._history(prompt_id)).get("status"):
+                return history
+            await anyio.sleep(HISTORY_POLL_S)
+        return {}
+
     async def _history(self, prompt_id: str) -> dict[str, Any]:
         answer = await self.call("GET", f"{self.base}/history/{prompt_id}")
         found = answer.get(prompt_id) if isinstance(answer, dict) else None
@@ -226,11 +251,13 @@ class ComfyUIProvider(HTTPProvider):
         if outcome.status == "interrupted":
             raise UpstreamError("the prompt was interrupted on the server", status=502, code="upstream_interrupted",
                                 fallback=True)
-        history = await self._history(prompt_id)
-        if outcome.status == "error" or history.get("status", {}).get("status_str") == "error":
-            raise self._execution_error(outcome.error or _error_in(history))
-        files = [image for node in workflow.outputs
-                 for image in (history.get("outputs", {}).get(node, {}).get("images") or [])]
+        if outcome.status == "error":
+            raise self._execution_error(outcome.error)
+        files = [image for node in workflow.outputs for image in outcome.outputs.get(node) or []]
+        if not files:  # no `executed` event seen for them (the socket dropped): /history, once written
+            history = await self._written_history(prompt_id)
+            files = [image for node in workflow.outputs
+                     for image in (history.get("outputs", {}).get(node, {}).get("images") or [])]
         if not files:
             raise UpstreamError("the workflow's output nodes gave no images", status=502, code="upstream_no_image",
                                 fallback=True)

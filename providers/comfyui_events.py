@@ -24,6 +24,7 @@ RECONNECT_S = (0.2, 5.0)
 class Outcome:
     status: str  # success | error | interrupted
     error: dict[str, Any] = field(default_factory=dict)  # execution_error's data
+    outputs: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # node → images, from `executed`
 
 
 @dataclass
@@ -32,6 +33,8 @@ class Waiter:
 
     on_progress: Callable[[int, int], None] | None = None
     on_preview: Callable[[bytes], None] | None = None
+    preview_size: tuple[int, int] | None = None  # ComfyUI's latent previews come at its own size
+    outputs: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     ended: asyncio.Future[Outcome] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
     def end(self, outcome: Outcome) -> None:
@@ -110,8 +113,12 @@ class EventSocket:
                 self.progress = (value, total)
                 if waiter.on_progress is not None:
                     waiter.on_progress(value, total)
+        elif kind == "executed" and isinstance(images := (data.get("output") or {}).get("images"), list):
+            waiter.outputs[str(data.get("node"))] = images
         elif kind == "execution_success" or (kind == "executing" and data.get("node") is None):
-            waiter.end(Outcome("success"))
+            # ComfyUI sends execution_success before it writes /history (main.py: execute, then
+            # task_done), so the outputs come from `executed` events rather than from /history.
+            waiter.end(Outcome("success", outputs=waiter.outputs))
         elif kind == "execution_error":
             waiter.end(Outcome("error", data))
         elif kind == "execution_interrupted":
@@ -124,9 +131,11 @@ class EventSocket:
         if waiter is None or waiter.on_preview is None:
             return
         try:
-            image = Image.open(io.BytesIO(frame[8:]))
+            image = Image.open(io.BytesIO(frame[8:])).convert("RGB")
+            if waiter.preview_size is not None and image.size != waiter.preview_size:
+                image = image.resize(waiter.preview_size, Image.Resampling.BILINEAR)
             buffer = io.BytesIO()
-            image.convert("RGB").save(buffer, "PNG", compress_level=1)  # previews go out as PNG
+            image.save(buffer, "PNG", compress_level=1)  # previews go out as PNG
         except Exception:  # a broken preview is not worth a failed prompt
             return
         waiter.on_preview(buffer.getvalue())

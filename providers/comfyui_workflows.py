@@ -14,6 +14,36 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 Field_ = Literal["prompt", "negative_prompt", "seed", "steps", "guidance_scale", "width", "height", "n",
                  "strength", "sampler", "scheduler", "checkpoint", "image", "mask"]
 Graph = dict[str, dict[str, Any]]
+# The fields a client chooses: a value the server refuses there is the request's fault, not the config's.
+CHOSEN: frozenset[str] = frozenset({"prompt", "negative_prompt", "seed", "steps", "guidance_scale", "width",
+                                    "height", "n", "strength", "sampler", "scheduler"})
+
+# A1111's sampler names (what A1111 clients such as webuiapi send, "Euler a" by default) as ComfyUI's
+# KSampler names, with the scheduler an A1111 name implies; ComfyUI's own names pass as they are.
+A1111_SAMPLERS = {
+    "euler a": "euler_ancestral", "euler": "euler", "lms": "lms", "heun": "heun", "dpm2": "dpm_2",
+    "dpm2 a": "dpm_2_ancestral", "dpm++ 2s a": "dpmpp_2s_ancestral", "dpm++ 2m": "dpmpp_2m",
+    "dpm++ sde": "dpmpp_sde", "dpm++ 2m sde": "dpmpp_2m_sde", "dpm++ 3m sde": "dpmpp_3m_sde",
+    "dpm fast": "dpm_fast", "dpm adaptive": "dpm_adaptive", "ddim": "ddim", "unipc": "uni_pc", "lcm": "lcm",
+}
+A1111_SCHEDULERS = {"uniform": "normal", "ddim": "ddim_uniform", "sgm uniform": "sgm_uniform",
+                    "kl optimal": "kl_optimal", "align your steps": "align_your_steps"}
+
+
+def comfy_sampler(name: str) -> tuple[str, str | None]:
+    """("DPM++ 2M Karras") → ("dpmpp_2m", "karras"); a name A1111 does not use is passed unchanged."""
+    base, _, suffix = name.strip().lower().rpartition(" ")
+    if base and suffix in ("karras", "exponential") and base in A1111_SAMPLERS:
+        return A1111_SAMPLERS[base], suffix
+    return A1111_SAMPLERS.get(name.strip().lower(), name), None
+
+
+def comfy_scheduler(name: str) -> str | None:
+    """A1111's scheduler label or name as ComfyUI's; "Automatic" leaves the workflow's own."""
+    key = name.strip().lower()
+    if key == "automatic":
+        return None
+    return A1111_SCHEDULERS.get(key, key.replace(" ", "_"))
 
 
 class Place(BaseModel):
@@ -84,6 +114,11 @@ class Workflow(BaseModel):
 
     def mapped(self, name: str) -> bool:
         return name in self.inputs
+
+    def field_at(self, node: str, input_name: str) -> str | None:
+        """The request field written into `node.input`, if any."""
+        return next((name for name, places in self.inputs.items()
+                     if Place(node=node, input=input_name) in places), None)
 
 
 def check_graph(graph: Any, source: str) -> Graph:

@@ -53,6 +53,20 @@ class Metrics:
                                registry=r, multiprocess_mode="livesum")
         self.queued = Gauge("imagegate_upstream_queue_depth", "Calls waiting per provider", ["provider"],
                             registry=r, multiprocess_mode="livesum")
+        # What an upstream says of itself (ComfyUI's queue and step): every process sees the same server.
+        self.server_queue = Gauge("imagegate_upstream_server_queue", "Prompts the upstream server reports "
+                                  "queued or running, all clients included", ["provider"], registry=r,
+                                  multiprocess_mode="livemax")
+        self.server_progress = Gauge("imagegate_upstream_progress", "Fraction done of the upstream's running "
+                                     "prompt (0 when idle)", ["provider"], registry=r, multiprocess_mode="livemax")
+
+    def observe_upstream(self, provider: str, report: dict[str, object]) -> None:
+        """Copy the gauges a provider reports of its server (`Provider.report()`), at scrape time."""
+        queue, progress = report.get("server_queue"), report.get("progress")
+        if isinstance(queue, int):
+            self.server_queue.labels(provider).set(queue)
+        if "progress" in report:
+            self.server_progress.labels(provider).set(progress if isinstance(progress, float) else 0.0)
 
     def observe(self, endpoint: str, model: str, status: int, seconds: float) -> None:
         self.requests.labels(endpoint, model, str(status)).inc()

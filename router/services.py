@@ -58,6 +58,10 @@ class Services:
                 "disabled_providers": self.disabled,
                 "circuits": {name: h.breaker.state.name.lower() for name, h in health.items()}}
 
+    def observe_upstreams(self) -> None:
+        for name, provider in self.all_providers.items():
+            self.metrics.observe_upstream(name, provider.report())
+
     def provider_report(self) -> dict[str, Any]:
         """Every provider instance with its circuit, load and observed latency (the admin view)."""
         out = {}

@@ -4,6 +4,7 @@ previews, cancel, progress, and every failure mapped as documented."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import io
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+import webuiapi
 import yaml
 from PIL import Image
 
@@ -35,7 +37,7 @@ TOKEN = "comfy-login-token-31337"
 WORKFLOWS = Path(__file__).resolve().parent.parent / "config" / "examples" / "workflows"
 T2I = {"prompt": "6.text", "negative_prompt": "7.text", "seed": "3.seed", "steps": "3.steps",
        "guidance_scale": "3.cfg", "sampler": "3.sampler_name", "width": "5.width", "height": "5.height",
-       "n": "5.batch_size", "checkpoint": "4.ckpt_name"}
+       "n": "5.batch_size", "checkpoint": "4.ckpt_name", "scheduler": "3.scheduler"}
 INPAINT = {"prompt": "6.text", "seed": "3.seed", "strength": "3.denoise", "image": "10.image", "mask": "11.image",
            "checkpoint": "4.ckpt_name"}
 LIMITS = {"min_side": 64, "max_side": 2048, "multiple_of": 8, "max_n": 4}
@@ -100,6 +102,15 @@ def test_a_generation_fills_the_mapped_places_and_reads_the_outputs(gw: Gateway,
     assert fake.history_deletes == [prompt.id] and prompt.client_id  # our prompt id, then its history pruned
 
 
+def test_images_come_from_the_history_once_written_when_the_socket_missed_them(gw: Gateway,
+                                                                                fake: FakeComfyUI) -> None:
+    # Real ComfyUI sends execution_success before it writes /history: read too soon, it is empty.
+    fake.behave(executed_events=False, history_lag_s=0.4)
+    result = sdk(gw).images.generate(model="sdxl", prompt="p", size="256x256", n=2)
+    assert [d.seed for d in result.data] == [result.data[0].seed, result.data[0].seed + 1]  # type: ignore[attr-defined]
+    assert len({decode(d.b64_json or "").getpixel((5, 5)) for d in result.data}) == 2
+
+
 def test_the_event_socket_is_one_per_instance(gw: Gateway, fake: FakeComfyUI) -> None:
     for seed in (1, 2):
         sdk(gw).images.generate(model="sdxl", prompt="p", size="256x256", extra_body={"seed": seed})
@@ -131,7 +142,8 @@ def test_streamed_previews_then_the_image(gw: Gateway, fake: FakeComfyUI) -> Non
     fake.behave(steps=4, previews=3)
     events = list(sdk(gw).images.generate(model="sdxl", prompt="p", size="256x256", stream=True, partial_images=2))
     assert [e.type for e in events] == ["image_generation.partial_image"] * 2 + ["image_generation.completed"]
-    assert decode(events[0].b64_json).format == "PNG"  # ComfyUI's JPEG previews, sent as PNG
+    first = decode(events[0].b64_json)
+    assert first.format == "PNG" and first.size == (256, 256)  # ComfyUI's small JPEG previews, as asked
 
 
 def test_progress_reaches_the_task(gw: Gateway, fake: FakeComfyUI) -> None:
@@ -144,6 +156,43 @@ def test_progress_reaches_the_task(gw: Gateway, fake: FakeComfyUI) -> None:
         assert time.monotonic() < deadline and current["status"] in ("queued", "running"), current
         time.sleep(0.05)
     assert any(0 < p < 1 for p in seen), seen  # ComfyUI's step progress, written while it ran
+
+
+def test_the_servers_queue_and_progress_are_metrics(gw: Gateway, fake: FakeComfyUI) -> None:
+    fake.behave(steps=40, step_delay_s=0.1)
+    task = gw.http.post("/v1/images/generations", json={"model": "sdxl", "prompt": "p", "size": "256x256",
+                                                         "async": True}).json()
+
+    def gauges() -> tuple[float | None, float | None]:
+        text = gw.http.get("/metrics").text
+        found = {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                 if line.startswith("imagegate_upstream_") and 'provider="comfy"' in line}
+        return found.get("imagegate_upstream_server_queue"), found.get("imagegate_upstream_progress")
+
+    deadline = time.monotonic() + 30
+    while not ((seen := gauges())[0] == 1 and 0 < (seen[1] or 0) < 1):
+        assert time.monotonic() < deadline, seen  # our prompt in ComfyUI's queue, part way through
+        time.sleep(0.05)
+    while gw.http.get(f"/v1/tasks/{task['id']}").json()["status"] != "succeeded":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    while gauges() != (0, 0):  # the server's idle status reaches the socket after the answer
+        assert time.monotonic() < deadline, gauges()
+        time.sleep(0.05)
+
+
+def test_the_a1111_surface_shows_comfyuis_steps_and_previews(gw: Gateway, fake: FakeComfyUI) -> None:
+    fake.behave(steps=30, step_delay_s=0.1, previews=30)
+    api = webuiapi.WebUIApi(baseurl=f"{gw.url}/sdapi/v1")
+    with concurrent.futures.ThreadPoolExecutor() as pool:
+        running = pool.submit(api.txt2img, prompt="p", width=256, height=256,
+                              override_settings={"sd_model_checkpoint": "sdxl"})
+        deadline = time.monotonic() + 30
+        while not (0 < (progress := api.get_progress())["progress"] < 1 and progress["current_image"]):
+            assert time.monotonic() < deadline and not running.done(), progress
+            time.sleep(0.05)
+        assert progress["state"]["sampling_steps"] == 30 and progress["state"]["job_count"] == 1
+        assert len(running.result(timeout=30).images) == 1
 
 
 def test_a_cancel_mid_run_removes_and_interrupts_only_our_prompt(gw: Gateway, fake: FakeComfyUI) -> None:
@@ -175,7 +224,18 @@ def test_execution_failures_map_as_documented(gw: Gateway, fake: FakeComfyUI, mo
         assert int(err.response.headers["retry-after"]) >= 1
 
 
-def test_a_node_error_names_the_node_and_input(fake: FakeComfyUI, tmp_path: Path, start_gateway: StartGateway) -> None:
+def test_a_value_the_node_refuses_is_the_requests_and_names_the_node_and_input(
+        fake: FakeComfyUI, tmp_path: Path, start_gateway: StartGateway) -> None:
+    cfg = comfy_config(tmp_path, fake.url)
+    cfg["models"]["sdxl"]["limits"] = {**LIMITS, "max_n": 16}  # the gateway allows more than the node's max of 8
+    wide = start_gateway(cfg)
+    err = expect_error(lambda: sdk(wide).images.generate(model="sdxl", prompt="p", size="256x256", n=9), 400, TOKEN)
+    assert err.code == "upstream_rejected" and "node 5" in err.message and "batch_size" in err.message
+    assert err.param == "5.batch_size" and fake.prompts == {}
+
+
+def test_a_constant_of_the_workflow_the_node_refuses_is_misconfigured(
+        fake: FakeComfyUI, tmp_path: Path, start_gateway: StartGateway) -> None:
     graph = orjson.loads((WORKFLOWS / "sdxl_t2i.json").read_bytes())
     graph["5"]["inputs"]["batch_size"] = 99  # unmapped here, and over the fake's max of 8
     tight = tmp_path / "tight.json"
@@ -185,8 +245,32 @@ def test_a_node_error_names_the_node_and_input(fake: FakeComfyUI, tmp_path: Path
     cfg["models"]["tight"] = {**cfg["models"]["sdxl"], "routes": [{"provider": "comfy", "model":
                                                                     "sd_xl_base_1.0.safetensors", "workflow": "tight"}]}
     tight_gw = start_gateway(cfg)
-    err = expect_error(lambda: sdk(tight_gw).images.generate(model="tight", prompt="p", size="256x256"), 400, TOKEN)
-    assert err.code == "upstream_rejected" and "node 5" in err.message and "batch_size" in err.message
+    err = expect_error(lambda: sdk(tight_gw).images.generate(model="tight", prompt="p", size="256x256"), 502, TOKEN)
+    assert err.code == "upstream_misconfigured" and "node 5" in err.message and "batch_size" in err.message
+
+
+@pytest.mark.parametrize(("asked", "sampler", "scheduler"), [
+    ({"sampler_name": "DPM++ 2M Karras"}, "dpmpp_2m", "karras"),
+    ({"sampler_name": "Euler a", "scheduler": "Exponential"}, "euler_ancestral", "exponential"),
+    ({"sampler_name": "euler", "scheduler": "Automatic"}, "euler", "karras"),  # the workflow's own
+])
+def test_a1111_sampler_names_become_comfyuis(gw: Gateway, fake: FakeComfyUI, asked: dict[str, str], sampler: str,
+                                             scheduler: str) -> None:
+    api = webuiapi.WebUIApi(baseurl=f"{gw.url}/sdapi/v1")
+    assert len(api.txt2img(prompt="p", width=256, height=256, **asked,
+                           override_settings={"sd_model_checkpoint": "sdxl"}).images) == 1
+    [prompt] = fake.prompts.values()
+    assert (prompt.graph["3"]["inputs"]["sampler_name"], prompt.graph["3"]["inputs"]["scheduler"]) == (sampler,
+                                                                                                       scheduler)
+
+
+def test_a_sampler_the_server_lacks_is_refused_naming_the_input(gw: Gateway, fake: FakeComfyUI) -> None:
+    api = webuiapi.WebUIApi(baseurl=f"{gw.url}/sdapi/v1")
+    with pytest.raises(RuntimeError, match="sampler_name") as raised:
+        api.txt2img(prompt="p", width=256, height=256, sampler_name="Restart",
+                    override_settings={"sd_model_checkpoint": "sdxl"})
+    status, body = raised.value.args  # A1111's shape: a 422 with `detail`
+    assert status == 422 and "upstream_rejected" in body and "'Restart' not in" in body and fake.prompts == {}
 
 
 def test_a_missing_checkpoint_is_misconfigured_and_falls_back(tmp_path: Path, fake: FakeComfyUI,

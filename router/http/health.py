@@ -33,5 +33,6 @@ async def metrics(request: Request) -> Response:
     token = found.cfg.metrics.token
     if token and not bearer_matches(request, token):
         raise ApiError(401, "metrics need the configured bearer token", code="invalid_token")
+    found.observe_upstreams()
     data, content_type = found.metrics.render()
     return Response(data, media_type=content_type)

@@ -71,6 +71,8 @@ class Behaviour:
     step_delay_s: float = 0.0
     steps: int = 3
     previews: int = 2
+    executed_events: bool = True  # False: as a socket that missed them (a reconnect mid-run)
+    history_lag_s: float = 0.05  # ComfyUI writes /history after it sends execution_success
 
 
 def _png(image: Image.Image) -> bytes:
@@ -156,6 +158,7 @@ class FakeComfyUI(FakeUpstream):
             self._queue = asyncio.Queue()
             self._worker = asyncio.create_task(self._work())
         await self._queue.put(prompt_id)
+        await self._broadcast_status()
         return JSONResponse({"prompt_id": prompt_id, "number": len(self.prompts), "node_errors": {}})
 
     def _validate(self, graph: Any) -> dict[str, Any] | None:
@@ -256,8 +259,7 @@ class FakeComfyUI(FakeUpstream):
         client_id = socket.query_params.get("clientId", "")
         await socket.accept()
         self.sockets[client_id] = socket
-        await socket.send_text(orjson.dumps({"type": "status", "data": {"status": {"exec_info": {
-            "queue_remaining": 0}}, "sid": client_id}}).decode())
+        await socket.send_text(self._status({"sid": client_id}))
         try:
             while True:
                 await socket.receive_text()
@@ -266,6 +268,19 @@ class FakeComfyUI(FakeUpstream):
         finally:
             if self.sockets.get(client_id) is socket:
                 del self.sockets[client_id]
+
+    def _status(self, extra: dict[str, Any]) -> str:
+        remaining = sum(p.status in ("queued", "running") for p in self.prompts.values())
+        return orjson.dumps({"type": "status", "data": {"status": {"exec_info": {"queue_remaining": remaining}},
+                                                        **extra}}).decode()
+
+    async def _broadcast_status(self) -> None:
+        """ComfyUI tells every client the queue's length whenever it changes."""
+        for socket in list(self.sockets.values()):
+            try:
+                await socket.send_text(self._status({}))
+            except Exception:
+                pass
 
     async def _send(self, prompt: Prompt, kind: str, data: dict[str, Any]) -> None:
         socket = self.sockets.get(prompt.client_id)
@@ -287,6 +302,7 @@ class FakeComfyUI(FakeUpstream):
                 await self._execute(prompt)
             finally:
                 self.running = None
+                await self._broadcast_status()
 
     async def _execute(self, prompt: Prompt) -> None:
         b = self.behaviour
@@ -316,11 +332,14 @@ class FakeComfyUI(FakeUpstream):
             await self._send(prompt, "execution_error", data)
             return
         outputs = self._images(prompt)
+        if b.executed_events:
+            await self._send(prompt, "executed", {"node": "9", "output": {"images": outputs}})
+        # ComfyUI's order (execution.py, then main.py's task_done): the end event, then /history.
+        await self._send(prompt, "execution_success", {"timestamp": 0})
+        await asyncio.sleep(b.history_lag_s)
         self.history[prompt.id] = {"outputs": {"9": {"images": outputs}},
                                    "status": {"status_str": "success", "completed": True, "messages": []}}
         prompt.status = "success"
-        await self._send(prompt, "executed", {"node": "9", "output": {"images": outputs}})
-        await self._send(prompt, "execution_success", {"timestamp": 0})
         await self._send(prompt, "executing", {"node": None})
 
     async def _preview(self, prompt: Prompt, step: int) -> None:

@@ -4,7 +4,9 @@ what a person does, and what the gateway and its upstream see of it."""
 from __future__ import annotations
 
 import io
+import os
 import re
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,9 @@ from playwright.sync_api import expect
 from tests.conftest import png_bytes
 from tests.ui.conftest import ADMIN, Site
 
-SHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
+# The README's pictures: IMAGEGATE_SCREENSHOTS=docs/screenshots refreshes them; by default the
+# tests write elsewhere, so a test run leaves the checkout as it was.
+SHOTS = Path(os.environ.get("IMAGEGATE_SCREENSHOTS") or Path(tempfile.gettempdir()) / "imagegate-screenshots")
 
 
 def open_playground(page: Any, site: Site, *, remember: bool = False) -> None:
