@@ -53,12 +53,14 @@ class Metrics:
                                registry=r, multiprocess_mode="livesum")
         self.queued = Gauge("imagegate_upstream_queue_depth", "Calls waiting per provider", ["provider"],
                             registry=r, multiprocess_mode="livesum")
-        # What an upstream says of itself (ComfyUI's queue and step): every process sees the same server.
+        # What an upstream says of itself (ComfyUI's queue and step), set by whichever process answers
+        # the scrape just before rendering: with several workers, its value is the most recent one.
         self.server_queue = Gauge("imagegate_upstream_server_queue", "Prompts the upstream server reports "
                                   "queued or running, all clients included", ["provider"], registry=r,
-                                  multiprocess_mode="livemax")
+                                  multiprocess_mode="livemostrecent")
         self.server_progress = Gauge("imagegate_upstream_progress", "Fraction done of the upstream's running "
-                                     "prompt (0 when idle)", ["provider"], registry=r, multiprocess_mode="livemax")
+                                     "prompt (0 when idle)", ["provider"], registry=r,
+                                     multiprocess_mode="livemostrecent")
 
     def observe_upstream(self, provider: str, report: dict[str, object]) -> None:
         """Copy the gauges a provider reports of its server (`Provider.report()`), at scrape time."""
