@@ -65,9 +65,40 @@ class StateConfig(_Strict):
     idempotency_hours: float = Field(default=24, gt=0)
 
 
+class S3Config(_Strict):
+    """An S3-compatible store. Credentials left empty are read by obstore from the environment
+    (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, an instance role, …)."""
+
+    endpoint: str = ""  # empty: AWS itself
+    region: str = "us-east-1"
+    access_key_id: str = ""
+    secret_access_key: str = Field(default="", repr=False)
+    session_token: str = Field(default="", repr=False)
+
+
 class ArtifactsConfig(_Strict):
     dir: str = "./data/artifacts"
+    url: str = ""  # s3://bucket/prefix: object storage instead of `dir`
+    s3: S3Config = Field(default_factory=S3Config)
+    # `url` results: presigned S3 GET URLs (clients fetch from the bucket; at most 7 days) or
+    # gateway-signed URLs whose bytes the gateway streams. A local directory is always `gateway`.
+    url_results: Literal["presigned", "gateway"] = "presigned"
     ttl_hours: float = Field(default=24, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _bucket_url(cls, value: str) -> str:
+        if value and not re.match(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^?#]*)?$", value):
+            raise ValueError("must be s3://bucket or s3://bucket/prefix (a bucket name as S3 allows)")
+        return value
+
+    @property
+    def bucket(self) -> tuple[str, str] | None:
+        """(bucket, prefix) when artifacts live in object storage."""
+        if not self.url:
+            return None
+        bucket, _, prefix = self.url.removeprefix("s3://").partition("/")
+        return bucket, prefix.strip("/")
 
 
 class AuthConfig(_Strict):

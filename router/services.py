@@ -5,6 +5,7 @@ runner). Surfaces reach them through `router/http/context.py`."""
 from __future__ import annotations
 
 import logging
+import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from typing import Any
 from imagegate.providers import registry
 from imagegate.providers.base import Provider
 
-from .artifacts import ArtifactStore, load_or_create_secret
+from .artifacts import ArtifactStore, load_or_create_secret, open_artifacts
 from .config import Config, base_dir_of
 from .metrics import Metrics
 from .pipeline import Pipeline
@@ -52,9 +53,11 @@ class Services:
         health = self.router.health
         usable = any(health[r.provider.name].breaker.available()
                      for m in self.cfg.models for r in self.router.routes[m])
-        checks = {"config": True, "state": await self.store.ping(), "artifacts": self.artifacts.dir.is_dir(),
+        artifacts_problem = await self.artifacts.ping()
+        checks = {"config": True, "state": await self.store.ping(), "artifacts": artifacts_problem is None,
                   "routes": usable, "accepting": not self.pipeline.drain.draining}
-        return {"status": "ready" if all(checks.values()) else "not_ready", "checks": checks,
+        problems = {"artifacts": artifacts_problem} if artifacts_problem else {}
+        return {"status": "ready" if all(checks.values()) else "not_ready", "checks": checks, "problems": problems,
                 "disabled_providers": self.disabled,
                 "circuits": {name: h.breaker.state.name.lower() for name, h in health.items()}}
 
@@ -79,6 +82,16 @@ class Services:
                     "latency_s": h.latency.mean, "last_error": h.last_error, "last_error_at": h.last_error_at})
             out[name] = item
         return out
+
+
+async def _signing_secret(cfg: Config, store: Store) -> bytes:
+    """The secret of the gateway's signed URLs: configured, else made once — beside a local
+    directory, or, with a bucket, in the state store that all replicas share."""
+    if cfg.auth.signing_secret:
+        return cfg.auth.signing_secret.encode()
+    if cfg.artifacts.bucket is None:
+        return load_or_create_secret("", Path(cfg.artifacts.dir))
+    return (await store.shared_secret("artifact_signing_secret", secrets.token_hex(32))).encode()
 
 
 def _disabled_reason(name: str, provider: Provider, cfg: Config) -> str | None:
@@ -127,10 +140,8 @@ async def open_services(cfg: Config, metrics: Metrics) -> AsyncIterator[Services
             log.warning("model %r has no price (price_per_mp or price_per_image): it is served free", model_id)
         every, disabled = await _start_providers(cfg, metrics)
         router = ModelRouter(cfg, {n: p for n, p in every.items() if n not in disabled}, metrics)
-        art_dir = Path(cfg.artifacts.dir)
-        artifacts = ArtifactStore(art_dir, cfg.artifacts.ttl_hours,
-                                  load_or_create_secret(cfg.auth.signing_secret, art_dir))
-        artifacts.sweep()
+        artifacts = open_artifacts(cfg.artifacts, await _signing_secret(cfg, store))
+        await artifacts.sweep()
         pipeline = Pipeline(cfg, metrics, router, store, artifacts)
         services = Services(cfg, metrics, every, disabled, router, store, artifacts, pipeline)
         await pipeline.tasks.start()

@@ -179,8 +179,9 @@ class Pipeline:
         return found
 
     def url_of(self, caller: Caller, artifact: Artifact) -> str:
-        """A signed, expiring URL of an artifact, at the address the caller reaches the gateway by."""
-        return caller.base_url + self.artifacts.signed_path(artifact)
+        """A signed, expiring URL of an artifact: the gateway's, at the address the caller reaches it
+        by, or the bucket's presigned one."""
+        return self.artifacts.url(artifact, caller.base_url)
 
     def url_for(self, caller: Caller, artifact_id: str, expires: int) -> str:
-        return caller.base_url + self.artifacts.signed_path_for(artifact_id, expires)
+        return self.artifacts.url_for(artifact_id, expires, caller.base_url)

@@ -16,7 +16,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
-import anyio.to_thread
 
 from ..artifacts import ArtifactStore
 from ..config import Config
@@ -32,6 +31,7 @@ from .settlement import SETTLE_TIMEOUT_S, STALE_HOLD_GRACE_S, Admitted
 from .validation import Prepared
 
 log = logging.getLogger("imagegate.tasks")
+ARTIFACT_SWEEP_S = 300.0  # expired artifacts go within five minutes of expiry (and at each start)
 PROGRESS_EVERY_S = 0.5  # progress is written at most this often: previews can fire per step
 SHUTDOWN = {"message": "the gateway shut down before the task finished; its credit hold was released",
             "type": "server_error", "param": None, "code": "shutting_down"}
@@ -50,6 +50,7 @@ class TaskRunner:
         self.replica = "rep_" + secrets.token_hex(8)  # a new owner name per process start
         self.running: dict[str, asyncio.Task[None]] = {}
         self._loops: list[asyncio.Task[None]] = []
+        self._next_artifact_sweep = 0.0
 
     async def start(self) -> None:
         await self.sweep()  # leases that lapsed while no replica was up
@@ -90,7 +91,9 @@ class TaskRunner:
         await self.store.release_stale_holds(self.cfg.longest_run_s + STALE_HOLD_GRACE_S)
         await self.store.delete_expired_tasks()
         await self.store.delete_expired_idempotency()
-        await anyio.to_thread.run_sync(self.artifacts.sweep)  # file reads: off the event loop
+        if time.monotonic() >= self._next_artifact_sweep:  # a bucket listing: not every few seconds
+            self._next_artifact_sweep = time.monotonic() + ARTIFACT_SWEEP_S
+            await self.artifacts.sweep()
 
     async def submit(self, prepared: Prepared, caller: Caller, admitted: Admitted) -> TaskRecord:
         """Write the task (queued, leased to us) and start it; it now owns the hold and the slot: its

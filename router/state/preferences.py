@@ -30,3 +30,17 @@ async def put(engine: AsyncEngine, scope: str, name: str, value: str) -> None:
             return
         except IntegrityError:
             continue
+
+
+async def first(engine: AsyncEngine, scope: str, name: str, value: str) -> str:
+    """The value kept under (scope, name), which is `value` if none was: the first writer wins, so
+    replicas starting together agree (a gateway-wide generated secret, for one)."""
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(preferences.insert().values(scope=scope, name=name, value=value))
+        return value
+    except IntegrityError:
+        async with engine.connect() as conn:
+            found = await conn.scalar(sa.select(preferences.c.value)
+                                      .where(preferences.c.scope == scope, preferences.c.name == name))
+        return str(found)

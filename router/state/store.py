@@ -21,6 +21,7 @@ from .schema import migrate
 
 _DRIVERS = {"sqlite": "sqlite+aiosqlite", "postgresql": "postgresql+asyncpg", "postgres": "postgresql+asyncpg"}
 log = logging.getLogger("imagegate.state")
+GATEWAY_SCOPE = "~gateway"  # preferences of the gateway itself: no key id starts with "~"
 _MIGRATE_TRIES = 5  # SQLite: replicas (or `serve --workers`) starting together may race to migrate
 
 
@@ -208,6 +209,10 @@ class Store:
 
     async def set_preference(self, scope: str, name: str, value: str) -> None:
         await preferences.put(self.engine, scope, name, value)
+
+    async def shared_secret(self, name: str, candidate: str) -> str:
+        """A gateway-wide secret every replica on this store shares: `candidate`, if none was kept."""
+        return await preferences.first(self.engine, GATEWAY_SCOPE, name, candidate)
 
     # -- async tasks
 

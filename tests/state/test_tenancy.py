@@ -114,9 +114,9 @@ def _signed(gw: Any, owner: str) -> tuple[str, int, str]:
 
 
 def _meta(gw: Any, art: str) -> Any:
-    found = gw.state.artifacts._read_meta(art)
+    found = gw.state.artifacts._read(art)
     assert found is not None, art
-    return found
+    return found[0]
 
 
 def _url(art: str, expires: int | str, signature: str) -> str:
