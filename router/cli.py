@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import sys
@@ -75,9 +76,24 @@ def cmd_check_config(args: argparse.Namespace) -> None:
             print(f"  - models.{model_id}: no price: give price_per_mp (0 for free) or price_per_image",
                   file=sys.stderr)
         raise SystemExit(1)
-    print(f"{args.file}: OK ({len(cfg.models)} models, {len(cfg.providers)} providers)")
+    if args.probe and (problems := asyncio.run(_probe(cfg))):
+        print(f"imagegate: {args.file} is valid, but the probe failed:", file=sys.stderr)
+        for problem in problems:
+            print(f"  - {problem}", file=sys.stderr)
+        raise SystemExit(1)
+    print(f"{args.file}: OK ({len(cfg.models)} models, {len(cfg.providers)} providers"
+          f"{'; state store and artifact store answer' if args.probe else ''})")
     for path, name in cfg.unset_env:
         print(f"  note: {path} uses ${{{name}}}, which is not set; that provider will be disabled")
+
+
+async def _probe(cfg: config.Config) -> list[str]:
+    """Reach the state store and the artifact store as the gateway would, changing nothing."""
+    from .artifacts import open_artifacts
+    from .state import probe_store
+
+    found = [await probe_store(cfg.state.url), await open_artifacts(cfg.artifacts, b"probe").ping()]
+    return [problem for problem in found if problem]
 
 
 def parser() -> argparse.ArgumentParser:
@@ -98,6 +114,7 @@ def parser() -> argparse.ArgumentParser:
     worker.set_defaults(func=cmd_worker)
     check = sub.add_parser("check-config", help="validate a YAML file; exit 1 listing each bad key")
     check.add_argument("file")
+    check.add_argument("--probe", action="store_true", help="also reach the state store and the artifact store")
     check.set_defaults(func=cmd_check_config)
     keys_cli.add_parser(sub, _load_or_exit)
     return p

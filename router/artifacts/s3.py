@@ -45,13 +45,14 @@ def open_bucket(cfg: ArtifactsConfig) -> S3Store:
 
 def explain(exc: BaseError, bucket: str) -> str:
     """What went wrong, in words that carry no credential (obstore's text holds URLs and debug dumps)."""
-    status = _STATUS.search(str(exc))
-    if isinstance(exc, PermissionDeniedError | UnauthenticatedError):
-        return f"bucket '{bucket}' refused the configured credentials ({status[1] if status else 403})"
-    if isinstance(exc, NotFoundError):
+    found = _STATUS.search(str(exc))
+    status = found[1] if found else ""
+    if isinstance(exc, PermissionDeniedError | UnauthenticatedError) or status in ("401", "403"):
+        return f"bucket '{bucket}' refused the configured credentials ({status or 403})"
+    if isinstance(exc, NotFoundError) or status == "404":
         return f"bucket '{bucket}' or an object in it was not found"
     if status:
-        return f"bucket '{bucket}' answered HTTP {status[1]}"
+        return f"bucket '{bucket}' answered HTTP {status}"
     return f"bucket '{bucket}' could not be reached ({type(exc).__name__})"
 
 
@@ -65,7 +66,7 @@ def _artifact(artifact_id: str, size: int, attributes: dict[str, Any]) -> Artifa
         return Artifact(id=artifact_id, bytes=size, width=int(attributes["width"]),
                         height=int(attributes["height"]), content_type=str(attributes["Content-Type"]),
                         created_at=int(attributes["created_at"]), expires_at=int(attributes["expires_at"]),
-                        owner=str(attributes["owner"]) or None)
+                        owner=str(attributes.get("owner") or "") or None)  # an empty value may not come back
     except (KeyError, ValueError):
         return None  # not one of ours
 

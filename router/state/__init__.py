@@ -4,9 +4,10 @@ per-key limits, behind one async interface (SQLite or PostgreSQL)."""
 from ..money import format_usd, usd_to_micros
 from .records import InsufficientCredit, KeyNotFound, KeyRecord, LedgerEntry, Replay, StateError, TaskRecord
 from .replays import Claim
-from .store import Store, open_store
+from .store import Store, open_store, probe_store
 
 open = open_store
 
 __all__ = ["Claim", "InsufficientCredit", "KeyNotFound", "KeyRecord", "LedgerEntry", "Replay", "StateError",
-           "Store", "TaskRecord", "format_usd", "open", "open_store", "usd_to_micros"]
+           "Store", "TaskRecord", "format_usd", "open", "open_store", "probe_store",
+           "usd_to_micros"]

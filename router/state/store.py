@@ -276,6 +276,16 @@ def _migrate(conn: Connection) -> None:
     migrate(conn)
 
 
+async def probe_store(url: str) -> str | None:
+    """`check-config --probe`: None when the database answers (nothing is created or migrated)."""
+    store = Store(_engine(async_url(url), None))
+    try:
+        return None if await store.ping() else f"the state store at {make_url(url).render_as_string()} " \
+                                                 "does not answer"
+    finally:
+        await store.close()
+
+
 async def open_store(url: str, *, schema: str | None = None) -> Store:
     """Connect and bring the schema up to date (idempotent: a second open changes nothing)."""
     engine = _engine(async_url(url), schema)
