@@ -48,6 +48,7 @@ OPERATIONS = [
     Route("/admin/keys", admin.list_keys, methods=["GET"]),
     Route("/admin/keys/{key_id}/revoke", admin.revoke_key, methods=["POST"]),
     Route("/admin/keys/{key_id}/topup", admin.topup_key, methods=["POST"]),
+    Route("/admin/keys/{key_id}/webhook-secret", admin.rotate_webhook_secret, methods=["POST"]),
 ]
 
 

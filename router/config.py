@@ -124,6 +124,36 @@ class InputsConfig(_Strict):
     allow_private: bool = False
 
 
+class WebhooksConfig(_Strict):
+    """Task-end callbacks, signed per Standard Webhooks (docs/providers.md §10)."""
+
+    enabled: bool = True
+    # The same guard as input URLs (router/fetch.py): UNSAFE outside tests and closed networks.
+    allow_http: bool = False
+    allow_private: bool = False
+    timeout_s: float = Field(default=15, gt=0, le=120)  # one attempt: connect, send, answer
+    max_attempts: int = Field(default=8, ge=1, le=20)
+    # Waits before attempts 2, 3, …; the last repeats. The default spans about a day.
+    backoff_s: list[float] = Field(default=[0, 5, 300, 1800, 7200, 18000, 36000], min_length=1)
+    poll_s: float = Field(default=1.0, gt=0, le=60)  # how often a replica looks for due deliveries
+    # With auth off there are no keys to hold secrets: this one (whsec_…) signs every event.
+    secret: str = Field(default="", repr=False)
+
+    @field_validator("backoff_s")
+    @classmethod
+    def _non_negative(cls, value: list[float]) -> list[float]:
+        if any(wait < 0 for wait in value):
+            raise ValueError("waits are seconds, 0 or more")
+        return value
+
+    @field_validator("secret")
+    @classmethod
+    def _whsec(cls, value: str) -> str:
+        if value and not value.startswith("whsec_"):
+            raise ValueError("a Standard Webhooks secret: whsec_ followed by base64")
+        return value
+
+
 class TasksConfig(_Strict):
     # An async task's own deadline; unset, the same as a synchronous request's (server.request_timeout_s).
     timeout_s: float | None = Field(default=None, gt=0)
@@ -279,6 +309,7 @@ class Config(_Strict):
     inputs: InputsConfig = Field(default_factory=InputsConfig)
     surfaces: SurfacesConfig = Field(default_factory=SurfacesConfig)
     tasks: TasksConfig = Field(default_factory=TasksConfig)
+    webhooks: WebhooksConfig = Field(default_factory=WebhooksConfig)
     billing: BillingConfig = Field(default_factory=BillingConfig)
     # Where the file came from, for relative paths and messages; not a YAML key.
     source: str = Field(default="", exclude=True)

@@ -79,11 +79,11 @@ def refusal(ip: IPAddress, policy: Policy) -> str | None:
     return None if ip.is_global else "not a public address"
 
 
-def _not_allowed(param: str, why: str) -> ApiError:
-    return invalid(f"'{param}': the image URL is not allowed: {why}", param, code="image_url_not_allowed")
+def _not_allowed(param: str, why: str, kind: str) -> ApiError:
+    return invalid(f"'{param}': the {kind} URL is not allowed: {why}", param, code=f"{kind}_url_not_allowed")
 
 
-async def _resolve(host: str, port: int, param: str) -> list[IPAddress]:
+async def _resolve(host: str, port: int, param: str, kind: str) -> list[IPAddress]:
     try:
         return [ipaddress.ip_address(host)]  # a literal: nothing to resolve
     except ValueError:
@@ -92,38 +92,40 @@ async def _resolve(host: str, port: int, param: str) -> list[IPAddress]:
         # anyio's resolver runs off the event loop and can be cancelled by the fetch deadline.
         infos = await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (OSError, UnicodeError):
-        raise invalid(f"'{param}': the image URL's host '{host}' does not resolve", param,
-                      code="invalid_image_url") from None
+        raise invalid(f"'{param}': the {kind} URL's host '{host}' does not resolve", param,
+                      code=f"invalid_{kind}_url") from None
     # Scope ids (`fe80::1%eth0`) are cut off; such addresses are refused as link-local anyway.
     return [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
 
 
-async def check_url(url: str, param: str, policy: Policy) -> Target:
-    """Parse and resolve one hop; refuse it unless every address the name has is allowed."""
+async def check_url(url: str, param: str, policy: Policy, kind: str = "image") -> Target:
+    """Parse and resolve one hop; refuse it unless every address the name has is allowed. `kind`
+    names the URL in messages and codes (an image URL to fetch, a webhook URL to call)."""
     try:
         parts = urlsplit(url)
         port = parts.port
     except ValueError:
-        raise invalid(f"'{param}' is not a valid URL", param, code="invalid_image_url") from None
+        raise invalid(f"'{param}' is not a valid URL", param, code=f"invalid_{kind}_url") from None
     scheme, host = parts.scheme.lower(), (parts.hostname or "").lower()
     if scheme != "https" and not (scheme == "http" and policy.allow_http):
-        raise _not_allowed(param, "only https URLs are fetched")
+        raise _not_allowed(param, "only https URLs are allowed", kind)
     if not host or parts.username is not None or parts.password is not None:
         raise invalid(f"'{param}' is not a valid URL (a host, and no user:password@)", param,
-                      code="invalid_image_url")
+                      code=f"invalid_{kind}_url")
     port = port or (443 if scheme == "https" else 80)
-    addresses = await _resolve(host, port, param)
+    addresses = await _resolve(host, port, param, kind)
     # ANY bad address refuses the name: picking a good one would let a name list both.
     for ip in addresses:
         why = refusal(ip, policy)
         if why:
-            raise _not_allowed(param, f"'{host}' is {why}")
+            raise _not_allowed(param, f"'{host}' is {why}", kind)
     if not addresses:
-        raise invalid(f"'{param}': the image URL's host '{host}' does not resolve", param, code="invalid_image_url")
+        raise invalid(f"'{param}': the {kind} URL's host '{host}' does not resolve", param,
+                      code=f"invalid_{kind}_url")
     return Target(url, scheme, host, port, tuple(addresses))
 
 
-def _pinned(target: Target, address: IPAddress) -> tuple[str, dict[str, str], dict[str, Any]]:
+def pinned(target: Target, address: IPAddress) -> tuple[str, dict[str, str], dict[str, Any]]:
     """The request URL with the checked address in place of the name, and what keeps TLS on the name.
 
     httpx connects to the host of the URL, so putting the address there is the pin. The Host header
@@ -153,7 +155,7 @@ async def _get_any(target: Target, param: str, policy: Policy) -> tuple[bytes | 
 
 async def _get(target: Target, address: IPAddress, param: str, policy: Policy) -> tuple[bytes | None, str | None]:
     """One hop: (body, None) on 200, (None, next URL) on a redirect; anything else is a 400."""
-    url, headers, extensions = _pinned(target, address)
+    url, headers, extensions = pinned(target, address)
     # A client per hop: a pooled connection to the same address could have been verified for another
     # name. trust_env=False: an environment proxy would resolve the name again, undoing the pin.
     async with (

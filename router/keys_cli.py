@@ -17,7 +17,7 @@ from .state import KeyRecord, StateError, Store, format_usd, open_store, usd_to_
 
 
 def add_parser(sub: Any, load: Callable[[str | None], config.Config]) -> None:
-    keys = sub.add_parser("keys", help="API keys: create, list, revoke, top up")
+    keys = sub.add_parser("keys", help="API keys: create, list, revoke, top up, rotate the webhook secret")
     actions = keys.add_subparsers(dest="action", required=True)
     create = actions.add_parser("create", help="make a key; its secret is printed once")
     create.add_argument("--name", required=True)
@@ -32,7 +32,9 @@ def add_parser(sub: Any, load: Callable[[str | None], config.Config]) -> None:
     topup = actions.add_parser("topup", help="add credits to a key's balance")
     topup.add_argument("id")
     topup.add_argument("--credits", required=True, help="USD to add (e.g. 10 or 2.50)")
-    for parser in (create, listing, revoke, topup):
+    rotate = actions.add_parser("webhook-secret", help="a new webhook signing secret for a key, printed once")
+    rotate.add_argument("id")
+    for parser in (create, listing, revoke, topup, rotate):
         parser.add_argument("--config", help="YAML file whose state.url names the store (default: embedded)")
     keys.set_defaults(func=lambda args: run(args, load(args.config)))
 
@@ -76,10 +78,17 @@ async def _create(store: Store, args: argparse.Namespace, cfg: config.Config) ->
     credits = usd_to_micros(args.credits) if args.credits is not None else None
     models = _canonical(cfg, args.models) if args.models is not None else None
     key, secret = await store.create_key(args.name, credits, models, args.rpm, args.concurrency)
+    webhook_secret = await store.rotate_webhook_secret(key.id)
     print(f"id:      {key.id}")
     print(f"key:     {secret}")
     print(f"balance: {format_usd(key.balance_micros)}")
-    print("The key is shown only now; imagegate keeps its hash.", file=sys.stderr)
+    print(f"webhook: {webhook_secret}")
+    print("The key and its webhook secret are shown only now; imagegate keeps the key's hash.", file=sys.stderr)
+
+
+async def _webhook_secret(store: Store, args: argparse.Namespace, cfg: config.Config) -> None:
+    print(await store.rotate_webhook_secret(args.id))
+    print("The new webhook secret signs every event from now on; the old one no longer does.", file=sys.stderr)
 
 
 async def _list(store: Store, args: argparse.Namespace, cfg: config.Config) -> None:
@@ -103,4 +112,4 @@ async def _topup(store: Store, args: argparse.Namespace, cfg: config.Config) -> 
 
 
 _ACTIONS: dict[str, Callable[[Store, argparse.Namespace, config.Config], Awaitable[None]]] = {
-    "create": _create, "list": _list, "revoke": _revoke, "topup": _topup}
+    "create": _create, "list": _list, "revoke": _revoke, "topup": _topup, "webhook-secret": _webhook_secret}

@@ -46,6 +46,9 @@ class Metrics:
                                   ["provider", "reason"], registry=r)
         self.tasks = Counter("imagegate_tasks", "Async tasks submitted, and ended by status "
                              "(submitted, succeeded, failed, canceled)", ["status"], registry=r)
+        self.webhooks = Counter("imagegate_webhook_deliveries", "Webhook attempts by outcome (delivered, "
+                                "retrying, failed: gave up, disabled: the receiver answered 410)", ["outcome"],
+                                registry=r)
         # Gauges of live state: summed over live processes; the circuit shows the worst process's view.
         self.circuit = Gauge("imagegate_circuit_state", "Circuit breaker: 0 closed, 1 half-open, 2 open",
                              ["provider"], registry=r, multiprocess_mode="max")

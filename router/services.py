@@ -145,9 +145,11 @@ async def open_services(cfg: Config, metrics: Metrics) -> AsyncIterator[Services
         pipeline = Pipeline(cfg, metrics, router, store, artifacts)
         services = Services(cfg, metrics, every, disabled, router, store, artifacts, pipeline)
         await pipeline.tasks.start()
+        await pipeline.webhooks.start()
         try:
             yield services
         finally:
+            await pipeline.webhooks.stop()
             await pipeline.tasks.stop()  # tasks still running fail and refund, before the store closes
     finally:
         for name, provider in every.items():

@@ -18,7 +18,7 @@ from starlette.responses import RedirectResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from imagegate.router.errors import ApiError
-from imagegate.router.fetch import Policy, Target, _pinned, fetch_image_url
+from imagegate.router.fetch import Policy, Target, fetch_image_url, pinned
 from tests.bad_input.support import EDITS, assert_error
 from tests.conftest import UPSTREAM_KEY, Gateway, b64, base_config, decode, png_bytes, serve_gateway
 from tests.fakes.openai_upstream import FakeOpenAI
@@ -177,7 +177,7 @@ def test_name_is_resolved_and_pinned(open_gw: Gateway, images: ImageServer) -> N
 def test_https_pin_keeps_the_name_for_tls() -> None:
     target = Target("https://images.example.com/a/b.png?x=1", "https", "images.example.com", 443,
                     (ipaddress.ip_address("2606:4700::1111"),))
-    url, headers, extensions = _pinned(target, target.addresses[0])
+    url, headers, extensions = pinned(target, target.addresses[0])
     assert url == "https://[2606:4700::1111]:443/a/b.png?x=1"
     assert headers["host"] == "images.example.com"
     assert extensions == {"sni_hostname": "images.example.com"}  # SNI and certificate check use the name

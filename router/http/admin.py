@@ -93,9 +93,17 @@ async def create_key(request: Request) -> Response:
     credits = None if body.get("credits") is None else _credits(body["credits"], allow_zero=True)
     models = _models(body.get("models"))
     ids = accounts.model_ids(models) if models is not None else None
-    record, secret = await accounts.create_key(name, credits, ids, _limit(body, "rpm"), _limit(body, "concurrency"))
-    # The only time the secret is shown: the store keeps its hash.
-    return JSONResponse({**record.public(), "key": secret}, status_code=201)
+    record, secret, webhook_secret = await accounts.create_key(name, credits, ids, _limit(body, "rpm"),
+                                                               _limit(body, "concurrency"))
+    # The only time the secrets are shown: the store keeps the key's hash.
+    return JSONResponse({**record.public(), "key": secret, "webhook_secret": webhook_secret}, status_code=201)
+
+
+async def rotate_webhook_secret(request: Request) -> Response:
+    """A new signing secret for the key's webhooks, shown this once; the old one stops at once."""
+    accounts = _admin(request, "/admin/keys/{id}/webhook-secret").accounts
+    key_id = request.path_params["key_id"]
+    return JSONResponse({"id": key_id, "webhook_secret": await accounts.rotate_webhook_secret(key_id)})
 
 
 async def list_keys(request: Request) -> Response:

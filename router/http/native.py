@@ -37,6 +37,7 @@ class _Body(BaseModel):
 
     prompt: str
     is_async: bool = Field(default=False, alias="async")
+    webhook_url: str | None = Field(default=None, max_length=2048)
 
 
 class FluxBody(_Body):
@@ -135,7 +136,7 @@ async def _ask(pipeline: Pipeline, family: Family, body: _Body, model_id: str,
                caller: Caller) -> tuple[ImageAsk, Inputs]:
     """The family's fields in the pipeline's terms, and its input images."""
     fields: dict[str, Any] = {"prompt": body.prompt, "model": model_id, "keep_s": family.keep_s,
-                              "response_format": f"native:{family.name}"}
+                              "response_format": f"native:{family.name}", "webhook_url": body.webhook_url}
     refs: list[tuple[str, str]] = []
     if isinstance(body, FluxBody):
         fields.update(size=f"{body.width}x{body.height}", seed=body.seed, output_format=body.output_format,

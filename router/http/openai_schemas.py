@@ -42,6 +42,7 @@ class GenerationBody(BaseModel):
     style: Literal["vivid", "natural"] | None = None
     is_async: bool | None = Field(default=None, alias="async")
     dry_run: bool | None = None  # validate and quote only: no charge, no upstream call
+    webhook_url: str | None = Field(default=None, max_length=2048)  # an async request's end, announced
 
     @field_validator("prompt")
     @classmethod
@@ -60,7 +61,8 @@ class GenerationBody(BaseModel):
             output_compression=self.output_compression, background=self.background, quality=self.quality,
             negative_prompt=self.negative_prompt, seed=self.seed, steps=self.steps,
             guidance_scale=self.guidance_scale, strength=self.edit_strength(), stream=bool(self.stream),
-            partial_images=self.partial_images or 0, hints=self.hints(), extra=dict(self.model_extra or {}))
+            partial_images=self.partial_images or 0, hints=self.hints(), extra=dict(self.model_extra or {}),
+            webhook_url=self.webhook_url)
 
     def edit_strength(self) -> float | None:
         return None  # generations take no strength (as a field it is an unknown one)

@@ -66,13 +66,20 @@ class Accounts:
             raise invalid(exc.message, "models", code="model_not_found") from None
 
     async def create_key(self, name: str, credits_micros: int | None, models: Sequence[str] | None,
-                         rpm: int | None, concurrency: int | None) -> tuple[KeyRecord, str]:
-        """A new key and its secret (shown this once: the store keeps its hash). `models`: ids, as
-        `model_ids` resolves them."""
+                         rpm: int | None, concurrency: int | None) -> tuple[KeyRecord, str, str]:
+        """A new key, its secret (shown this once: the store keeps its hash) and its webhook signing
+        secret (shown this once too). `models`: ids, as `model_ids` resolves them."""
         try:
-            return await self.store.create_key(name, credits_micros, models, rpm, concurrency)
+            key, secret = await self.store.create_key(name, credits_micros, models, rpm, concurrency)
         except StateError as exc:
             raise invalid(str(exc)) from None
+        return key, secret, await self.store.rotate_webhook_secret(key.id)
+
+    async def rotate_webhook_secret(self, key_id: str) -> str:
+        try:
+            return await self.store.rotate_webhook_secret(key_id)
+        except KeyNotFound as exc:
+            raise ApiError(404, str(exc), code="key_not_found") from None
 
     async def list_keys(self) -> list[KeyRecord]:
         return await self.store.list_keys()

@@ -41,6 +41,8 @@ class ImageAsk:
     # How long the result images must stay fetchable, when a surface promises more than
     # artifacts.ttl_hours (seed 004's qwen URLs: 7 days).
     keep_s: int | None = None
+    # Where an async task's end is announced (Standard Webhooks); checked at submission.
+    webhook_url: str | None = None
     # Fields the surface does not know: a 400 unless the model passes them through.
     extra: dict[str, Any] = field(default_factory=dict)
 

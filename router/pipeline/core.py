@@ -15,7 +15,7 @@ from imagegate.providers.base import InputImage
 
 from ..artifacts import Artifact, ArtifactStore
 from ..config import Config
-from ..errors import ApiError
+from ..errors import ApiError, invalid
 from ..fetch import Policy
 from ..metrics import Metrics
 from ..routing import ModelRouter, Served, Trail
@@ -34,7 +34,9 @@ from .results import Generation
 from .selection import choose, precheck
 from .settlement import Admitted, settle
 from .task_runner import TaskRunner
+from .task_views import TaskViews, delivery_view
 from .validation import Prepared
+from .webhooks import Webhooks
 
 
 class Pipeline:
@@ -48,6 +50,8 @@ class Pipeline:
                                  max_image_pixels=server.max_image_pixels)
         self.idempotency = Idempotency(store, server.request_timeout_s, cfg.state.idempotency_hours)
         self.tasks = TaskRunner(cfg, store, artifacts, self.delivery, self.drain, metrics)
+        self.views = TaskViews(cfg, artifacts)
+        self.webhooks = Webhooks(cfg, store, self.views, metrics)
         self.accounts = Accounts(store, router)
         self.catalog = Catalog(router)
         self.jobs = JobBoard()
@@ -96,7 +100,11 @@ class Pipeline:
     # -- running
 
     async def admit(self, prepared: Prepared, caller: Caller) -> Admitted:
-        """Rate limit, concurrency slot and credit hold (429 or 402 here: nothing routed)."""
+        """Rate limit, concurrency slot and credit hold (429 or 402 here: nothing routed), for a
+        request answered now (a task is admitted by `submit`)."""
+        if prepared.webhook_url is not None:
+            raise invalid("'webhook_url' is for async requests: send \"async\": true as well", "webhook_url",
+                          code="webhook_needs_async")
         return await self.admission.admit(prepared, caller)
 
     async def generate(self, prepared: Prepared, caller: Caller, gone: Gone | None = None) -> Generation:
@@ -140,10 +148,12 @@ class Pipeline:
         await settle(self.store, admitted, 0)
 
     async def submit(self, prepared: Prepared, caller: Caller) -> TaskRecord:
-        """Admit and start an async task; the task owns the hold and the slot from then on."""
-        admitted = await self.admit(prepared, caller)
+        """Admit and start an async task; the task owns the hold and the slot from then on. Its
+        webhook URL is checked first: a refused one costs nothing."""
+        webhook = None if prepared.webhook_url is None else await self.webhooks.check(prepared.webhook_url, caller)
+        admitted = await self.admission.admit(prepared, caller)
         try:
-            return await self.tasks.submit(prepared, caller, admitted)
+            return await self.tasks.submit(prepared, caller, admitted, webhook)
         except BaseException:
             await self.release(admitted)
             raise
@@ -177,6 +187,13 @@ class Pipeline:
         if found is None:
             raise ApiError(404, f"artifact '{artifact_id}' not found", code="artifact_not_found")
         return found
+
+    async def task_view(self, caller: Caller, task: TaskRecord, *, with_images: bool = True) -> dict[str, Any]:
+        """The task object as its owner sees it: images (for b64_json), links, webhook delivery."""
+        images = await self.tasks.images_of(task) if with_images else None
+        found = await self.store.webhook_of_task(task.id)
+        webhook = None if found is None else delivery_view(found[0], found[2])
+        return self.views.render(task, caller.base_url, images, webhook=webhook)
 
     def url_of(self, caller: Caller, artifact: Artifact) -> str:
         """A signed, expiring URL of an artifact: the gateway's, at the address the caller reaches it

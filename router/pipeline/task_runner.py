@@ -95,7 +95,8 @@ class TaskRunner:
             self._next_artifact_sweep = time.monotonic() + ARTIFACT_SWEEP_S
             await self.artifacts.sweep()
 
-    async def submit(self, prepared: Prepared, caller: Caller, admitted: Admitted) -> TaskRecord:
+    async def submit(self, prepared: Prepared, caller: Caller, admitted: Admitted,
+                     webhook: tuple[str, str] | None = None) -> TaskRecord:
         """Write the task (queued, leased to us) and start it; it now owns the hold and the slot: its
         end settles them, in the same transaction."""
         hold = admitted.hold
@@ -104,7 +105,8 @@ class TaskRunner:
             operation=prepared.request.operation, response_format=prepared.response_format,
             hold_id=hold.id if hold else None, slot_id=admitted.slot,
             billing={**prepared.price.body(), "held_micros": hold.micros if hold else 0, "charged_micros": 0},
-            ttl_s=max(self.artifacts.ttl_s, prepared.keep_s or 0), owner=self.replica, lease_s=self.lease_s)
+            ttl_s=max(self.artifacts.ttl_s, prepared.keep_s or 0), owner=self.replica, lease_s=self.lease_s,
+            webhook=webhook)
         self.metrics.tasks.labels("submitted").inc()
         task = self.running[record.id] = asyncio.create_task(self._run(record, prepared))
         # Not in `_run`'s finally: a task cancelled before its first step never runs that.

@@ -34,6 +34,7 @@ class Prepared:
     price: Price  # of the whole request as asked: what is held before it runs
     inputs: Inputs  # the input images as given (request.images are the same), with their artifact ids
     keep_s: int | None = None  # the results' lifetime, when longer than the artifacts' default
+    webhook_url: str | None = None  # an async task's callback, checked when it is submitted
 
 
 def check_extra_fields(ask: ImageAsk, model: ModelConfig) -> dict[str, object]:
@@ -196,4 +197,5 @@ def prepare(ask: ImageAsk, model_id: str, model: ModelConfig, operation: str, in
     price = Price.for_request(model, model_id, operation, ask.quality, width, height, n)
     return Prepared(model_id=model_id, request=request, needs=_needs(operation, ask, inputs),
                     response_format=ask.response_format or "b64_json", stream=ask.stream,
-                    partial_images=ask.partial_images, price=price, inputs=inputs, keep_s=ask.keep_s)
+                    partial_images=ask.partial_images, price=price, inputs=inputs, keep_s=ask.keep_s,
+                    webhook_url=ask.webhook_url)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import secrets as _random
 
@@ -27,3 +28,8 @@ def hash_secret(secret: str) -> str:
 
 def looks_like_key(secret: str) -> bool:
     return secret.startswith(KEY_PREFIX) and len(secret) == len(KEY_PREFIX) + _SECRET_CHARS
+
+
+def new_webhook_secret() -> str:
+    """A Standard Webhooks signing secret: whsec_ and 32 random bytes in base64."""
+    return "whsec_" + base64.b64encode(_random.token_bytes(32)).decode("ascii")

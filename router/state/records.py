@@ -105,3 +105,21 @@ class Replay:
     status_code: int
     headers: dict[str, str]
     body: bytes
+
+
+@dataclass(frozen=True)
+class DeliveryRecord:
+    """One webhook event of a task and where its delivery stands."""
+    id: str
+    task_id: str
+    scope: str
+    url: str
+    event: str
+    payload: str | None
+    status: str  # pending | delivered | failed | disabled
+    attempts: int
+    next_attempt_at: float
+    last_status: int | None
+    last_error: str | None
+    created_at: float
+    finished_at: float | None

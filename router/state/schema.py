@@ -122,6 +122,51 @@ preferences = sa.Table(
 )
 
 
+# Webhooks (README "Webhooks"): a task's callback URL, the outbox of its deliveries, the keys'
+# signing secrets and the URLs a receiver turned off with 410. Tables of their own, so the
+# migration only creates (no ALTER of a table that holds data).
+task_webhooks = sa.Table(
+    "task_webhooks", metadata,
+    sa.Column("task_id", sa.String(40), primary_key=True),
+    sa.Column("url", sa.Text, nullable=False),
+    sa.Column("base_url", sa.Text, nullable=False),  # where the caller reached us: the event's links
+)
+
+webhook_deliveries = sa.Table(
+    "webhook_deliveries", metadata,  # the outbox: written in the transaction that ends the task
+    sa.Column("id", sa.String(40), primary_key=True),  # the webhook-id, the same on every attempt
+    sa.Column("task_id", sa.String(40), nullable=False, index=True),
+    sa.Column("scope", sa.String(40), nullable=False),  # the key id, or "-" with auth off
+    sa.Column("url", sa.Text, nullable=False),
+    sa.Column("event", sa.String(40), nullable=False),  # image.task.succeeded | failed | canceled
+    sa.Column("payload", sa.Text, nullable=True),  # the event body, made at the first attempt
+    sa.Column("status", sa.String(16), nullable=False, index=True),  # pending|delivered|failed|disabled
+    sa.Column("attempts", sa.Integer, nullable=False),
+    sa.Column("next_attempt_at", sa.Double, nullable=False, index=True),
+    sa.Column("lease_owner", sa.String(40), nullable=True),  # the replica sending it now
+    sa.Column("lease_until", sa.Double, nullable=True),
+    sa.Column("last_status", sa.Integer, nullable=True),  # the receiver's HTTP status
+    sa.Column("last_error", sa.Text, nullable=True),
+    sa.Column("created_at", sa.Double, nullable=False),
+    sa.Column("finished_at", sa.Double, nullable=True),
+)
+
+webhook_secrets = sa.Table(
+    "webhook_secrets", metadata,
+    sa.Column("scope", sa.String(40), primary_key=True),  # the key id
+    # Kept as given: an HMAC needs the secret itself. Shown to the client once, when made.
+    sa.Column("secret", sa.Text, nullable=False),
+    sa.Column("created_at", sa.Double, nullable=False),
+)
+
+webhook_disabled = sa.Table(
+    "webhook_disabled", metadata,  # the receiver answered 410 Gone
+    sa.Column("scope", sa.String(40), primary_key=True),
+    sa.Column("url", sa.String(2048), primary_key=True),
+    sa.Column("disabled_at", sa.Double, nullable=False),
+)
+
+
 def _v1(conn: Connection) -> None:
     """Keys and their ledger."""
     schema_version.create(conn, checkfirst=True)
@@ -145,7 +190,13 @@ def _v4(conn: Connection) -> None:
     preferences.create(conn, checkfirst=True)
 
 
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3, _v4]
+def _v5(conn: Connection) -> None:
+    """Webhooks: task callback URLs, the delivery outbox, signing secrets, disabled URLs."""
+    for table in (task_webhooks, webhook_deliveries, webhook_secrets, webhook_disabled):
+        table.create(conn, checkfirst=True)
+
+
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3, _v4, _v5]
 LATEST = len(MIGRATIONS)
 
 

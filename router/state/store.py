@@ -14,13 +14,15 @@ from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from . import holds, keys, limits, preferences, replays, tasks
-from .records import KeyRecord, LedgerEntry, Replay, StateError, TaskRecord
+from . import holds, keys, limits, preferences, replays, tasks, webhooks
+from .keygen import new_webhook_secret
+from .records import DeliveryRecord, KeyRecord, LedgerEntry, Replay, StateError, TaskRecord
 from .replays import Claim
 from .schema import migrate
 
 _DRIVERS = {"sqlite": "sqlite+aiosqlite", "postgresql": "postgresql+asyncpg", "postgres": "postgresql+asyncpg"}
 log = logging.getLogger("imagegate.state")
+DELIVERIES_KEPT_S = 7 * 86_400  # a finished delivery's record, for the task view and the operator
 GATEWAY_SCOPE = "~gateway"  # preferences of the gateway itself: no key id starts with "~"
 _MIGRATE_TRIES = 5  # SQLite: replicas (or `serve --workers`) starting together may race to migrate
 
@@ -218,11 +220,12 @@ class Store:
 
     async def create_task(self, *, task_id: str, key_id: str | None, model: str, operation: str,
                           response_format: str, hold_id: str | None, slot_id: str | None,
-                          billing: dict[str, Any], ttl_s: float, owner: str, lease_s: float) -> TaskRecord:
+                          billing: dict[str, Any], ttl_s: float, owner: str, lease_s: float,
+                          webhook: tuple[str, str] | None = None) -> TaskRecord:
         async with self.engine.begin() as conn:
             return await tasks.create(conn, task_id=task_id, key_id=key_id, model=model, operation=operation,
                                       response_format=response_format, hold_id=hold_id, slot_id=slot_id,
-                                      billing=billing, ttl_s=ttl_s, owner=owner, lease_s=lease_s)
+                                      billing=billing, ttl_s=ttl_s, owner=owner, lease_s=lease_s, webhook=webhook)
 
     async def get_task(self, task_id: str) -> TaskRecord | None:
         async with self.engine.connect() as conn:
@@ -267,9 +270,56 @@ class Store:
         return failed
 
     async def delete_expired_tasks(self) -> int:
-        """Forget finished tasks past their TTL (their artifacts expire on their own)."""
+        """Forget finished tasks past their TTL (their artifacts expire on their own), and finished
+        webhook deliveries as old."""
         async with self.engine.begin() as conn:
-            return await tasks.delete_expired(conn)
+            gone = await tasks.delete_expired(conn)
+            await webhooks.delete_expired(conn, time.time() - DELIVERIES_KEPT_S)
+            return gone
+
+    # -- webhooks: the outbox and the keys' secrets
+
+    async def webhook_of_task(self, task_id: str) -> tuple[str, str, DeliveryRecord | None] | None:
+        """(URL, base URL, its delivery once the task ended) of a task that asked for a webhook."""
+        async with self.engine.connect() as conn:
+            callback = await webhooks.callback_of(conn, task_id)
+            if callback is None:
+                return None
+            return callback[0], callback[1], await webhooks.of_task(conn, task_id)
+
+    async def due_deliveries(self, limit: int) -> list[str]:
+        async with self.engine.connect() as conn:
+            return await webhooks.due(conn, time.time(), limit)
+
+    async def claim_delivery(self, delivery_id: str, owner: str, until: float) -> DeliveryRecord | None:
+        async with self.engine.begin() as conn:
+            return await webhooks.claim(conn, delivery_id, owner, until)
+
+    async def delivery_attempted(self, delivery_id: str, owner: str, *, status: str, payload: str,
+                                 http_status: int | None, error: str | None, next_attempt_at: float) -> bool:
+        async with self.engine.begin() as conn:
+            return await webhooks.attempted(conn, delivery_id, owner, status=status, payload=payload,
+                                            http_status=http_status, error=error, next_attempt_at=next_attempt_at)
+
+    async def disable_webhook(self, scope: str, url: str) -> None:
+        async with self.engine.begin() as conn:
+            await webhooks.disable(conn, scope, url)
+
+    async def webhook_disabled(self, scope: str, url: str) -> bool:
+        async with self.engine.connect() as conn:
+            return await webhooks.is_disabled(conn, scope, url)
+
+    async def webhook_secret(self, scope: str) -> str | None:
+        async with self.engine.connect() as conn:
+            return await webhooks.secret_of(conn, scope)
+
+    async def rotate_webhook_secret(self, key_id: str) -> str:
+        """A new signing secret for the key's webhooks (shown to the client once); KeyNotFound."""
+        secret = new_webhook_secret()
+        async with self.engine.begin() as conn:
+            await keys.get(conn, key_id)
+            await webhooks.set_secret(conn, key_id, secret)
+        return secret
 
 
 def _migrate(conn: Connection) -> None:

@@ -17,7 +17,7 @@ import orjson
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from . import holds
+from . import holds, webhooks
 from .limits import release_slot
 from .records import ACTIVE, TaskRecord
 from .schema import tasks
@@ -43,13 +43,16 @@ def _task(row: sa.Row[Any]) -> TaskRecord:
 
 async def create(conn: AsyncConnection, *, task_id: str, key_id: str | None, model: str, operation: str,
                  response_format: str, hold_id: str | None, slot_id: str | None, billing: dict[str, Any],
-                 ttl_s: float, owner: str, lease_s: float) -> TaskRecord:
+                 ttl_s: float, owner: str, lease_s: float, webhook: tuple[str, str] | None = None) -> TaskRecord:
+    """`webhook`: (url, base_url) where the task's end is announced."""
     now = time.time()
     await conn.execute(tasks.insert().values(
         id=task_id, key_id=key_id, status="queued", progress=0.0, model=model, operation=operation,
         response_format=response_format, hold_id=hold_id, slot_id=slot_id, billing=_json(billing),
         result=None, error=None, created_at=now, started_at=None, finished_at=None,
         expires_at=now + ttl_s, lease_owner=owner, lease_until=now + lease_s))
+    if webhook is not None:
+        await webhooks.register(conn, task_id, *webhook)
     found = await get(conn, task_id)
     assert found is not None
     return found
@@ -95,11 +98,13 @@ async def finish(conn: AsyncConnection, task_id: str, status: str, *, result: di
     flipped = await conn.execute(tasks.update().where(*conditions).values(**values))
     if flipped.rowcount != 1:
         return False
-    row = (await conn.execute(sa.select(tasks.c.hold_id, tasks.c.slot_id).where(tasks.c.id == task_id))).one()
+    row = (await conn.execute(sa.select(tasks.c.hold_id, tasks.c.slot_id, tasks.c.key_id)
+                              .where(tasks.c.id == task_id))).one()
     if row.hold_id is not None:
         await holds.settle(conn, row.hold_id, captured_micros if status == "succeeded" else 0)
     if row.slot_id is not None:
         await release_slot(conn, row.slot_id)
+    await webhooks.enqueue(conn, task_id, row.key_id or "-", status)  # the outbox: in this transaction
     return True
 
 
