@@ -207,3 +207,23 @@ def test_an_unmapped_family_is_a_404_naming_the_key(tmp_path: Path, fake_openai:
     gw = start_gateway(native_config(tmp_path, fake_openai.base_url, bfl, gemini, dashscope, native={}))
     answer = gw.http.post("/v2/image/flux/generate", json={"prompt": "p"})
     assert answer.status_code == 404 and "surfaces.native.flux" in answer.json()["error"]["message"]
+
+
+def test_with_auth_on_the_native_endpoints_and_tasks_need_a_key(tmp_path: Path, fake_openai: FakeOpenAI,
+                                                               bfl: FakeBFL, gemini: FakeGemini,
+                                                               dashscope: FakeDashScope,
+                                                               start_gateway: StartGateway) -> None:
+    cfg = native_config(tmp_path, fake_openai.base_url, bfl, gemini, dashscope)
+    cfg["auth"] = {"enabled": True, "admin_key": "adm"}
+    gw = start_gateway(cfg)
+    body = {"prompt": "p", "width": 256, "height": 256}
+    for path in ("/v2/image/flux/generate", "/v2/image/qwen/generate"):
+        refused = gw.http.post(path, json=body)
+        assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
+    assert gw.http.get("/v2/tasks/task_0123").status_code == 401
+    assert bfl.submits == []  # nothing reached the upstream
+    key = gw.http.post("/admin/keys", json={"name": "n"}, headers={"authorization": "Bearer adm"}).json()["key"]
+    task = gw.http.post("/v2/image/flux/generate", json={**body, "async": True},
+                        headers={"authorization": f"Bearer {key}"})
+    assert task.status_code == 202, task.text
+    assert gw.http.get(f"/v2/tasks/{task.json()['task_address']}").status_code == 401  # not without the key

@@ -1,6 +1,7 @@
-"""API keys: with `auth.enabled`, every call to `/v1` needs `Authorization: Bearer ig_…`, and every
-call to the AUTOMATIC1111 surface the same, or HTTP Basic with the key as the password (A1111's
-`--api-auth`; the user name is not read).
+"""API keys: with `auth.enabled`, every call to `/v1` and to the native endpoints under `/v2`
+(`/v2/image/…`, `/v2/tasks/…`) needs `Authorization: Bearer ig_…`, and every call to the
+AUTOMATIC1111 surface the same, or HTTP Basic with the key as the password (A1111's `--api-auth`;
+the user name is not read).
 
 A pure ASGI middleware (inside GatewayMiddleware, so refusals carry the request id). The key it
 finds is left in `request.state.api_key`, where `context.caller_of` reads it: the model check
@@ -47,6 +48,8 @@ def _guarded(scope: Scope) -> bool:
     path: str = scope["path"]
     if speaks_a1111(path):
         return True
+    if path.startswith("/v2/"):
+        return True  # the native family endpoints and their tasks
     if not (path == "/v1" or path.startswith("/v1/")):
         return False  # /healthz, /readyz, /metrics and /admin have their own rules
     return not (_SIGNED_ARTIFACT.match(path) and signed(scope.get("query_string", b"")))

@@ -32,6 +32,11 @@ def test_cli_create_list_topup_revoke(tmp_path: Path) -> None:
     fields = dict(line.split(":", 1) for line in made.stdout.splitlines())
     key_id, secret = fields["id"].strip(), fields["key"].strip()
     assert secret.startswith("ig_") and fields["balance"].strip() == "12.50"
+    webhook_secret = fields["webhook"].strip()
+    assert webhook_secret.startswith("whsec_")
+    rotated = keys(config, "webhook-secret", key_id)
+    assert rotated.returncode == 0 and rotated.stdout.strip().startswith("whsec_")
+    assert rotated.stdout.strip() != webhook_secret and webhook_secret not in keys(config, "list").stdout
 
     listed = keys(config, "list", "--json")
     assert listed.returncode == 0 and secret not in listed.stdout
@@ -45,7 +50,8 @@ def test_cli_create_list_topup_revoke(tmp_path: Path) -> None:
     assert json.loads(keys(config, "list", "--json").stdout)["data"][0]["revoked_at"] is not None
 
     # Each run is a process start (seconds): two refusals stand for the rest, which the admin API tests cover.
-    for bad in (["topup", key_id, "--credits", "0.0000001"], ["create", "--name", "x", "--models", "no-such-model"]):
+    for bad in (["topup", key_id, "--credits", "0.0000001"], ["create", "--name", "x", "--models", "no-such-model"],
+                ["webhook-secret", "key_nosuchkey"]):
         failed = keys(config, *bad)
         assert failed.returncode == 1 and failed.stderr.startswith("imagegate keys"), (bad, failed.stderr)
         assert "Traceback" not in failed.stderr
