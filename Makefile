@@ -44,3 +44,4 @@ bench: $(FULL)
 	$(PY) bench/local_pipeline.py
 	$(PY) bench/billing_throughput.py
 	$(PY) bench/a1111_surface.py
+	$(PY) bench/artifact_storage.py

@@ -143,3 +143,22 @@ def test_a_bucket_that_refuses_our_credentials_fails_readyz_and_the_probe(
 def test_a_malformed_bucket_url_is_a_config_error(url: str) -> None:
     with pytest.raises(ValueError, match="s3://bucket"):
         ArtifactsConfig.model_validate({"url": url})
+
+
+def test_tenancy_holds_in_the_bucket(tmp_path: Path, seaweed: Seaweed, prefix: str,
+                                     start_gateway: StartGateway) -> None:
+    cfg = bucket_config(tmp_path, seaweed, prefix)
+    cfg["auth"] = {"enabled": True, "admin_key": "adm"}
+    gw = start_gateway(cfg)
+
+    def key() -> dict[str, str]:
+        made = gw.http.post("/admin/keys", json={"name": "k"}, headers={"authorization": "Bearer adm"}).json()
+        return {"authorization": f"Bearer {made['key']}"}
+
+    owner, stranger = key(), key()
+    art = gw.http.post("/v1/uploads", files={"file": ("a.png", png_bytes(64, 64), "image/png")}, headers=owner)
+    assert art.status_code == 200, art.text
+    path = f"/v1/artifacts/{art.json()['id']}/content"
+    assert gw.http.get(path, headers=owner).content == png_bytes(64, 64)
+    assert gw.http.get(path, headers=stranger).status_code == 404
+    assert gw.http.get(path).status_code == 401
