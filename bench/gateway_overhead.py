@@ -1,19 +1,24 @@
 """Gateway overhead: the same image request sent straight to an upstream and through imagegate.
 
-A fake OpenAI upstream (tests.fakes FakeOpenAI answering a 1024x1024 PNG of about 1.5 MB of
-base64) and `imagegate serve` each run in their own process on 127.0.0.1. The same load
-generator (httpx.AsyncClient in one or more client processes) drives both paths, at
-concurrency 1 and 32, a fixed number of requests per cell after a warm-up. Printed: requests/s,
-p50/p99 latency and CPU ms per request of each process; gateway/direct throughput at c=32
-(target >= 0.70); p50 latency the gateway adds at c=1 (target < 5 ms); gateway peak RSS (VmHWM).
+A fake OpenAI upstream answering a precomputed 1024x1024 PNG (about 1.6 MB of base64) and
+`imagegate serve` each run in their own process on 127.0.0.1. One load generator drives both
+paths in the same run, at concurrency 1 and 32: `wrk` (C, one thread; Debian's package, installed
+here when missing) with a Lua script for the POST, or, with `--load httpx` or where wrk cannot be
+had, httpx.AsyncClient in one or two client processes. Then the gateway's memory: 64 requests in
+flight with n=1 and 16 with n=4, its peak RSS above its idle RSS per in-flight image.
 
-Run from the repository root (Linux, about a minute):  .venv/bin/python bench/gateway_overhead.py
+Printed: requests/s, p50/p99 latency, CPU ms per request of the upstream and the gateway, peak
+RSS; then the issue's targets on this machine: gateway >= 0.35x direct at c=32, <= 3 ms added p50
+at c=1, <= 3 ms gateway CPU per image, peak RSS <= 3x the base64 size per in-flight image.
+`--before EXE` runs a second gateway (another build's `imagegate` executable) beside this one,
+on the same upstream and load, and prints both side by side.
+
+Run from the repository root (Linux, about two minutes):  .venv/bin/python bench/gateway_overhead.py
 """
 
 from __future__ import annotations
 
-import asyncio
-import ctypes
+import argparse
 import io
 import math
 import multiprocessing as mp
@@ -22,35 +27,38 @@ import platform
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
-from multiprocessing.synchronize import Barrier
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import httpx
+import orjson
+import uvicorn
 import yaml
 from PIL import Image
 
-from tests.fakes.openai_upstream import FakeOpenAI
+from bench.load_httpx import Job, run_httpx
+from bench.load_wrk import ensure_wrk, run_wrk
+from bench.procs import HOST, child_setup, cpu_seconds, free_port, reset_peak_rss, status_mb
 
-HOST, KEY, MODEL, SIZE = "127.0.0.1", "sk-bench-upstream-key", "bench", 1024
-TARGET_B64 = 1_500_000  # the issue: "a 1024x1024 PNG (about 1.5 MB of base64)"
-BODY = {"model": MODEL, "prompt": "bench", "size": f"{SIZE}x{SIZE}", "n": 1}
-# (concurrency, timed requests, warm-up requests, client processes). At c=32 one httpx client
-# process would take a whole core and be the bottleneck of the direct path, so two share it.
-CELLS = [(1, 1000, 50, 1), (32, 3000, 200, 2)]
-ClientResult = tuple[list[float], int, float, float, float]  # latencies, errors, start, end, CPU s
+KEY, MODEL, SIDE = "sk-bench-upstream-key", "bench", 1024
+TARGET_B64 = 1_600_000  # "a 1024x1024 PNG, 1.6 MB of base64"
+TARGETS = {"ratio": 0.35, "added_p50_ms": 3.0, "cpu_ms": 3.0, "rss_x": 3.0}
+MEMORY_CELLS = [(64, 1), (16, 4)]  # (requests in flight, images per request)
 
 
-def bench_png(side: int = SIZE, target_b64: int = TARGET_B64) -> bytes:
+def body(n: int = 1) -> dict[str, Any]:
+    return {"model": MODEL, "prompt": "bench", "size": f"{SIDE}x{SIDE}", "n": n}
+
+
+def bench_png(side: int = SIDE, target_b64: int = TARGET_B64) -> bytes:
     """Random pixels in the top rows, black below: a PNG whose base64 is about `target_b64` bytes."""
     rows = min(side, round(target_b64 * 3 / 4 / (side * 3)))
     raw = random.Random(0).randbytes(side * rows * 3) + bytes(side * (side - rows) * 3)
@@ -59,220 +67,210 @@ def bench_png(side: int = SIZE, target_b64: int = TARGET_B64) -> bytes:
     return buf.getvalue()
 
 
-class BenchUpstream(FakeOpenAI):
-    """FakeOpenAI (noise=True) answering `png`: noise_png(1024, 1024) would be 4.2 MB of base64."""
+def b64_size(png: bytes) -> int:
+    return math.ceil(len(png) / 3) * 4
+
+
+class PrecomputedUpstream:
+    """OpenAI's POST /v1/images/generations (bearer key, ImagesResponse with b64_json), each answer
+    built once per `n` up front, so the direct path costs what serving bytes costs."""
 
     def __init__(self, png: bytes) -> None:
-        super().__init__(KEY, noise=True)
-        self.record, self.png = False, png
+        import base64
 
-    def _image(self, width: int, height: int, seed: int, fmt: str) -> bytes:
-        return self.png
+        b64 = base64.b64encode(png).decode()
+        self.answers = {n: orjson.dumps({"created": 1_700_000_000, "data": [{"b64_json": b64}] * n,
+                                         "output_format": "png", "size": f"{SIDE}x{SIDE}"}) for n in range(1, 5)}
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        chunks, more = [], True
+        while more:
+            message = await receive()
+            chunks.append(message.get("body", b""))
+            more = message.get("more_body", False)
+        if (b"authorization", f"Bearer {KEY}".encode()) not in scope["headers"]:
+            status, answer = 401, b'{"error": {"message": "Incorrect API key provided.", "code": "invalid_api_key"}}'
+        else:
+            status, answer = 200, self.answers[int(orjson.loads(b"".join(chunks)).get("n", 1))]
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(answer))]})
+        await send({"type": "http.response.body", "body": answer})
 
 
-def child_setup() -> None:
-    """In every child: default SIGTERM, and SIGTERM when the bench dies, even by SIGKILL."""
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def upstream_main(conn: Connection, png: bytes) -> None:
+def upstream_main(port: int, png: bytes) -> None:
     child_setup()
-    conn.send(BenchUpstream(png).start().base_url)
-    signal.pause()  # uvicorn serves in FakeOpenAI's thread until we are terminated
+    uvicorn.run(PrecomputedUpstream(png), host=HOST, port=port, log_level="warning", access_log=False,
+                lifespan="off")
 
 
-def start_upstream(png: bytes) -> tuple[BaseProcess, str]:
-    ours, theirs = mp.Pipe()
-    proc = mp.get_context("fork").Process(target=upstream_main, args=(theirs, png), daemon=True)
-    proc.start()
-    if not ours.poll(20):
-        raise RuntimeError("fake upstream did not start")
-    return proc, ours.recv()
+@dataclass
+class Server:
+    label: str  # direct | gateway | before
+    url: str  # where POST /v1/images/generations goes
+    pid: int
+    idle_rss_mb: float = math.nan
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
-
-
-def start_gateway(tmp: Path, upstream_url: str, port: int) -> subprocess.Popen[bytes]:
-    cfg = {"server": {"host": HOST}, "artifacts": {"dir": str(tmp / "artifacts")},
-           "providers": {"up": {"type": "openai", "base_url": upstream_url, "api_key": KEY}},
-           "models": {MODEL: {"routes": [{"provider": "up", "model": "upstream-model"}]}}, "default_model": MODEL}
-    (tmp / "bench.yaml").write_text(yaml.safe_dump(cfg))
-    exe = Path(sys.executable).parent / "imagegate"
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "imagegate"]
-    cmd += ["serve", "--config", str(tmp / "bench.yaml"), "--port", str(port), "--log-level", "warning"]
-    return subprocess.Popen(cmd, cwd=tmp, preexec_fn=child_setup)
-
-
-def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+def wait_healthy(url: str, proc: subprocess.Popen[bytes] | BaseProcess, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"gateway exited with status {proc.returncode}")
+        if (proc.poll() if isinstance(proc, subprocess.Popen) else proc.exitcode) is not None:
+            raise RuntimeError(f"{url} exited before it answered")
         try:
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                return
+            httpx.get(url, timeout=1)
+            return
         except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError("gateway did not become healthy")
+            time.sleep(0.1)
+    raise RuntimeError(f"{url} did not start")
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
-
-
-def proc_status_mb(pid: int, key: str) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 1024
-    return math.nan
+def start_gateway(tmp: Path, label: str, exe: list[str], upstream_url: str,
+                  artifacts: dict[str, Any]) -> tuple[subprocess.Popen[bytes], Server]:
+    port = free_port()
+    cfg = {"server": {"host": HOST}, "artifacts": {"dir": str(tmp / label / "artifacts"), **artifacts},
+           "state": {"url": f"sqlite:///{tmp / label / 'state.db'}"},
+           "providers": {"up": {"type": "openai", "base_url": upstream_url, "api_key": KEY}},
+           "models": {MODEL: {"routes": [{"provider": "up", "model": "upstream-model"}]}}, "default_model": MODEL}
+    (tmp / label).mkdir()
+    (tmp / label / "bench.yaml").write_text(yaml.safe_dump(cfg))
+    cmd = [*exe, "serve", "--config", str(tmp / label / "bench.yaml"), "--port", str(port), "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, cwd=tmp / label, preexec_fn=child_setup)
+    url = f"http://{HOST}:{port}"
+    wait_healthy(f"{url}/healthz", proc)
+    return proc, Server(label, f"{url}/v1/images/generations", proc.pid, status_mb(proc.pid, "VmRSS"))
 
 
 @dataclass
 class Cell:
     path: str
     concurrency: int
+    n: int
     requests: int
     errors: int
     rps: float
     p50_ms: float
     p99_ms: float
-    cpu_ms: dict[str, float]  # CPU ms per request: client, upstream, gateway
+    cpu_ms: dict[str, float]  # CPU ms per request: upstream, this path's gateway
+    peak_rss_mb: float
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]  # nearest rank
+def measure(load: str, server: Server, pids: dict[str, int], concurrency: int, n: int, args: argparse.Namespace,
+            min_bytes: int) -> Cell:
+    """One cell: a warm-up, then the timed load, with CPU and peak RSS over the timed part."""
+    watched = {"upstream": pids["direct"], **({server.label: server.pid} if server.label != "direct" else {})}
+    if load == "httpx":
+        many = concurrency > 1
+        cell = (concurrency, args.httpx_requests * (3 if many else 1), 50, 2 if many else 1)
+        reset_peak_rss(server.pid)
+        got = run_httpx(Job(server.url, body(n), KEY, min_bytes), cell, watched)
+        return Cell(server.label, concurrency, n, got.requests, got.errors, got.rps, got.p50_ms, got.p99_ms,
+                    got.cpu_ms, status_mb(server.pid, "VmHWM"))
+    text = orjson.dumps(body(n)).decode()
+    run_wrk(args.wrk, server.url, text, KEY, connections=concurrency, seconds=args.warmup)
+    reset_peak_rss(server.pid)
+    cpu0 = {name: cpu_seconds(pid) for name, pid in watched.items()}
+    got = run_wrk(args.wrk, server.url, text, KEY, connections=concurrency, seconds=args.duration)
+    cpu = {name: (cpu_seconds(pid) - cpu0[name]) * 1000 / max(1, got.requests) for name, pid in watched.items()}
+    short = got.requests and got.bytes / got.requests < min_bytes
+    return Cell(server.label, concurrency, n, got.requests, got.errors + got.non2xx + (got.requests if short else 0),
+                got.rps, got.p50_ms, got.p99_ms, cpu, status_mb(server.pid, "VmHWM"))
 
 
-async def load(client: httpx.AsyncClient, url: str, concurrency: int, total: int) -> tuple[list[float], int]:
-    """`total` requests over `concurrency` connections; a latency runs from sending to the last body byte."""
-    latencies: list[float] = []
-    errors, left = 0, total
-    headers = {"authorization": f"Bearer {KEY}"}
-
-    async def worker() -> None:
-        nonlocal errors, left
-        while left > 0:
-            left -= 1
-            start = time.perf_counter()
-            resp = await client.post(url, json=BODY, headers=headers)
-            latencies.append(time.perf_counter() - start)
-            errors += resp.status_code != 200 or len(resp.content) < TARGET_B64 // 2
-
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return latencies, errors
-
-
-async def client_run(url: str, concurrency: int, total: int, warmup: int, barrier: Barrier) -> ClientResult:
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(limits=limits, timeout=120) as client:
-        await load(client, url, concurrency, warmup)
-        barrier.wait(120)  # all client processes start the timed phase together
-        cpu0, start = time.process_time(), time.perf_counter()
-        latencies, errors = await load(client, url, concurrency, total)
-        return latencies, errors, start, time.perf_counter(), time.process_time() - cpu0
-
-
-def client_main(conn: Connection, url: str, concurrency: int, total: int, warmup: int, barrier: Barrier) -> None:
-    child_setup()
-    conn.send(asyncio.run(client_run(url, concurrency, total, warmup, barrier)))
-
-
-def run_cell(path: str, url: str, cell: tuple[int, int, int, int], pids: dict[str, int]) -> Cell:
-    """`procs` load-generator processes share the cell's connections and requests."""
-    concurrency, total, warmup, procs = cell
-    ctx = mp.get_context("fork")
-    barrier, pipes, workers = ctx.Barrier(procs + 1), [], []
-    try:
-        for i in range(procs):
-            ours, theirs = ctx.Pipe()
-            share = [n // procs + (i < n % procs) for n in (concurrency, total, warmup)]
-            workers.append(ctx.Process(target=client_main, args=(theirs, url, *share, barrier), daemon=True))
-            workers[-1].start()
-            theirs.close()  # recv() then fails instead of hanging if the client process dies
-            pipes.append(ours)
-        barrier.wait(300)
-        cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
-        results: list[ClientResult] = [conn.recv() for conn in pipes]
-        cpu = {name: (cpu_seconds(pid) - cpu0[name]) * 1000 / total for name, pid in pids.items()}
-    finally:
-        for worker in workers:
-            worker.terminate()  # a no-op for those that finished
-            worker.join(10)
-    cpu["client"] = sum(r[4] for r in results) * 1000 / total
-    latencies = [lat for r in results for lat in r[0]]
-    elapsed = max(r[3] for r in results) - min(r[2] for r in results)
-    return Cell(path, concurrency, total, sum(r[1] for r in results), total / elapsed,
-                percentile(latencies, 0.50) * 1000, percentile(latencies, 0.99) * 1000, cpu)
-
-
-def report(cells: list[Cell], png: bytes, pids: dict[str, int], idle_rss: float) -> None:
-    print(f"machine: {os.cpu_count()} CPUs ({platform.machine()}), {platform.system()} {platform.release()}; "
-          f"Python {platform.python_version()}")
-    print(f"payload: {SIZE}x{SIZE} PNG, {len(png):,} bytes = {math.ceil(len(png) / 3) * 4:,} bytes of base64; "
-          f"request {BODY}")
-    print("per cell: " + "; ".join(f"c={c}: {n} requests timed after {w} warm-up, {p} client process(es)"
-                                   for c, n, w, p in CELLS))
-    print("processes: fake upstream, gateway, httpx load generator(s), all on 127.0.0.1; CPU = utime+stime\n")
-    print(f"{'path':<8} {'conc':>4} {'reqs':>5} {'err':>3} {'req/s':>7} {'p50 ms':>8} {'p99 ms':>8}   "
-          "CPU ms/req: client upstream gateway")
+def report(cells: list[Cell], png: bytes, servers: list[Server], load: str, args: argparse.Namespace) -> None:
+    print(f"\nmachine: {os.cpu_count()} CPUs ({platform.machine()}), {platform.system()} {platform.release()}; "
+          f"Python {platform.python_version()}; load generator: {load}")
+    print(f"payload: {SIDE}x{SIDE} PNG, {len(png):,} bytes = {b64_size(png):,} bytes of base64 per image")
+    print(f"per cell: {args.warmup:g} s warm-up, then {args.duration:g} s timed" if load == "wrk" else
+          f"per cell: {args.httpx_requests} requests at c=1, {3 * args.httpx_requests} at c>1, after 50 warm-up")
+    idle = [f"{s.label} idle RSS {s.idle_rss_mb:.1f} MB" for s in servers if s.label != "direct"]
+    print("gateways: " + "; ".join(idle))
+    print(f"\n{'path':<8} {'conc':>4} {'n':>2} {'reqs':>6} {'err':>3} {'req/s':>7} {'p50 ms':>8} {'p99 ms':>8}   "
+          f"{'CPU ms/req: upstream':>20} {'gateway':>8}   {'peak RSS MB':>11}")
     for c in cells:
-        gw = f"{c.cpu_ms['gateway']:7.2f}" if c.path == "gateway" else f"{'-':>7}"
-        print(f"{c.path:<8} {c.concurrency:>4} {c.requests:>5} {c.errors:>3} {c.rps:>7.1f} {c.p50_ms:>8.2f} "
-              f"{c.p99_ms:>8.2f}   {'':>10} {c.cpu_ms['client']:6.2f} {c.cpu_ms['upstream']:8.2f} {gw}")
-    by = {(c.path, c.concurrency): c for c in cells}
-    ratio = by["gateway", 32].rps / by["direct", 32].rps
-    added = by["gateway", 1].p50_ms - by["direct", 1].p50_ms
-    print(f"\ngateway/direct throughput at c=32: {ratio:.2f}  (target >= 0.70: {'met' if ratio >= 0.7 else 'MISSED'})")
-    print(f"added p50 latency at c=1: {added:.2f} ms  (target < 5 ms: {'met' if added < 5 else 'MISSED'})")
-    print(f"gateway peak RSS (VmHWM): {proc_status_mb(pids['gateway'], 'VmHWM'):.1f} MB  (idle after start: "
-          f"{idle_rss:.1f} MB, after the run: {proc_status_mb(pids['gateway'], 'VmRSS'):.1f} MB; "
-          f"fake upstream peak: {proc_status_mb(pids['upstream'], 'VmHWM'):.1f} MB)")
+        gw = f"{c.cpu_ms[c.path]:8.2f}" if c.path in c.cpu_ms and c.path != "upstream" else f"{'-':>8}"
+        rss = f"{c.peak_rss_mb:11.1f}" if c.path != "direct" else f"{'-':>11}"
+        print(f"{c.path:<8} {c.concurrency:>4} {c.n:>2} {c.requests:>6} {c.errors:>3} {c.rps:>7.1f} {c.p50_ms:>8.2f} "
+              f"{c.p99_ms:>8.2f}   {c.cpu_ms['upstream']:20.2f} {gw}   {rss}")
+    for server in servers[1:]:
+        targets(cells, server, b64_size(png))
 
 
-def stop(upstream: BaseProcess | None, gateway: subprocess.Popen[bytes] | None) -> None:
-    """Terminate both servers (no-ops for one already gone), and kill what does not exit."""
-    if gateway is not None:
-        gateway.terminate()
-        try:
-            gateway.wait(15)
-        except subprocess.TimeoutExpired:
-            gateway.kill()
-            gateway.wait()
-    if upstream is not None:
-        upstream.terminate()
-        upstream.join(10)
-        upstream.kill()
-        upstream.join()
+def targets(cells: list[Cell], server: Server, b64: int) -> None:
+    by = {(c.path, c.concurrency, c.n): c for c in cells}
+    label, direct = server.label, {c: by["direct", c, 1] for c in (1, 32)}
+    ratio = by[label, 32, 1].rps / direct[32].rps
+    added = by[label, 1, 1].p50_ms - direct[1].p50_ms
+    cpu = max(by[label, c, 1].cpu_ms[label] for c in (1, 32))
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "MISSED"
+
+    print(f"\n{label}: throughput at c=32 {ratio:.2f}x direct (target >= {TARGETS['ratio']}: "
+          f"{verdict(ratio >= TARGETS['ratio'])}); added p50 at c=1 {added:.2f} ms (target <= "
+          f"{TARGETS['added_p50_ms']:g}: {verdict(added <= TARGETS['added_p50_ms'])}); CPU per image "
+          f"{cpu:.2f} ms, the worse of c=1 and c=32 (target <= {TARGETS['cpu_ms']:g}: "
+          f"{verdict(cpu <= TARGETS['cpu_ms'])})")
+    for flight, n in MEMORY_CELLS:
+        cell = by.get((label, flight, n))
+        if cell is not None:
+            per = (cell.peak_rss_mb - server.idle_rss_mb) * 2**20 / (flight * n) / b64
+            print(f"{label}: {flight} in flight with n={n}: peak {cell.peak_rss_mb:.1f} MB, "
+                  f"{cell.peak_rss_mb - server.idle_rss_mb:.1f} MB above idle = {per:.2f}x the base64 size per "
+                  f"in-flight image (target <= {TARGETS['rss_x']:g}: {verdict(per <= TARGETS['rss_x'])})")
+
+
+def options() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--load", choices=["auto", "wrk", "httpx"], default="auto")
+    ap.add_argument("--duration", type=float, default=10, help="timed seconds per wrk cell")
+    ap.add_argument("--warmup", type=float, default=2, help="warm-up seconds per wrk cell")
+    ap.add_argument("--httpx-requests", type=int, default=1000, help="timed requests per httpx cell at c=1")
+    ap.add_argument("--before", help="another build's imagegate executable, run beside this one")
+    ap.add_argument("--no-memory", action="store_true", help="skip the memory cells")
+    return ap.parse_args()
 
 
 def main() -> None:
+    args = options()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the `finally` on SIGTERM too
-    png = bench_png()
-    tmp = Path(tempfile.mkdtemp(prefix="imagegate-bench-"))
-    upstream: BaseProcess | None = None
-    gateway: subprocess.Popen[bytes] | None = None
+    args.wrk = ensure_wrk() if args.load != "httpx" else None
+    if args.load == "wrk" and args.wrk is None:
+        raise SystemExit("wrk is not installed and could not be installed (apt-get install wrk)")
+    load = "wrk" if args.wrk else "httpx"
+    png, tmp = bench_png(), Path(tempfile.mkdtemp(prefix="imagegate-bench-"))
+    exe = Path(sys.executable).parent / "imagegate"
+    this = [str(exe)] if exe.exists() else [sys.executable, "-m", "imagegate"]
+    # As configured by default (every answer kept as an artifact), and with b64_json answers only passed through.
+    builds: list[tuple[str, list[str], dict[str, Any]]] = [("gateway", this, {}),
+                                                           ("nokeep", this, {"keep_b64_answers": False})]
+    if args.before:
+        builds.append(("before", [args.before], {}))
+    procs: list[subprocess.Popen[bytes] | BaseProcess] = []
     try:
-        upstream, upstream_url = start_upstream(png)
         port = free_port()
-        gateway = start_gateway(tmp, upstream_url, port)
-        gateway_url = f"http://{HOST}:{port}"
-        wait_healthy(gateway_url, gateway)
+        upstream = mp.get_context("fork").Process(target=upstream_main, args=(port, png), daemon=True)
+        upstream.start()
+        procs.append(upstream)
+        wait_healthy(f"http://{HOST}:{port}/", upstream)
         assert upstream.pid is not None
-        pids = {"upstream": upstream.pid, "gateway": gateway.pid}
-        idle_rss = proc_status_mb(gateway.pid, "VmRSS")
-        cells = [run_cell(path, f"{base}/v1/images/generations", cell, pids) for cell in CELLS
-                 for path, base in (("direct", upstream_url.removesuffix("/v1")), ("gateway", gateway_url))]
-        report(cells, png, pids, idle_rss)
+        servers = [Server("direct", f"http://{HOST}:{port}/v1/images/generations", upstream.pid)]
+        for label, cmd, artifacts in builds:
+            proc, server = start_gateway(tmp, label, cmd, f"http://{HOST}:{port}/v1", artifacts)
+            procs.append(proc)
+            servers.append(server)
+        pids = {s.label: s.pid for s in servers}
+        cells = [measure(load, s, pids, c, 1, args, b64_size(png)) for c in (1, 32) for s in servers]
+        if not args.no_memory:
+            cells += [measure(load, s, pids, flight, n, args, n * b64_size(png)) for flight, n in MEMORY_CELLS
+                      for s in servers[1:]]
+        report(cells, png, servers, load, args)
     finally:
-        stop(upstream, gateway)
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(15) if isinstance(proc, subprocess.Popen) else proc.join(15)
         shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -81,8 +81,9 @@ class ImageRequest:
 class GeneratedImage:
     data: bytes
     seed: int | None = None
-    # The upstream's own base64 text of `data`, kept so an unchanged image is not re-encoded.
-    b64: str | None = None
+    # The upstream's own base64 of `data` (ASCII bytes, often a view into its answer), kept so an
+    # unchanged image is passed through as it came, not re-encoded.
+    b64: bytes | memoryview | None = None
     revised_prompt: str | None = None
 
 

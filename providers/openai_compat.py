@@ -62,21 +62,27 @@ class OpenAIProvider(HTTPProvider):
     async def run(self, request: ImageRequest) -> ProviderResult:
         fields = self._fields(request)
         if request.operation == "generate":
-            body = await self.call("POST", f"{self.base}/images/generations", json=fields)
+            body, b64s = await self.call_images("POST", f"{self.base}/images/generations", json=fields)
         else:
-            body = await self.call("POST", f"{self.base}/images/edits", data=_form(fields), files=_files(request))
+            body, b64s = await self.call_images("POST", f"{self.base}/images/edits", data=_form(fields),
+                                                files=_files(request))
         items = body.get("data") if isinstance(body, dict) else None
         if not isinstance(items, list) or not items:
             raise http.bad_response("upstream answer has no images")
-        images = await aio.gather([partial(self._materialize, i, item, request) for i, item in enumerate(items)])
+        cut = [isinstance(item, dict) and item.get("b64_json") == "" for item in items]
+        if sum(cut) != len(b64s):
+            raise http.bad_response("upstream answer is not an images answer")
+        views = iter(b64s)
+        images = await aio.gather([partial(self._materialize, i, item, request, next(views) if cut[i] else None)
+                                   for i, item in enumerate(items)])
         return ProviderResult(images=images, metadata={"upstream_created": body.get("created")})
 
-    async def _materialize(self, i: int, item: Any, request: ImageRequest) -> GeneratedImage:
+    async def _materialize(self, i: int, item: Any, request: ImageRequest, b64: memoryview | None) -> GeneratedImage:
         if not isinstance(item, dict):
             raise http.bad_response("upstream image entry is not an object")
         seed = item.get("seed") if isinstance(item.get("seed"), int) else request.seed_for(i)
-        if item.get("b64_json"):
-            image = http.decode_b64_image(item["b64_json"], seed=seed)
+        if b64 is not None or item.get("b64_json"):
+            image = http.decode_b64_image(b64 if b64 is not None else item["b64_json"], seed=seed)
         elif isinstance(item.get("url"), str):
             image = GeneratedImage(data=await self.download(item["url"]), seed=seed)
         else:

@@ -73,24 +73,27 @@ class HTTPProvider(Provider):
             raise UpstreamError(f"upstream did not finish within {self.options.timeout_s:g} s", status=504,
                                 code="upstream_timeout", retryable=True) from None
 
-    async def send(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
-        """One API call, its answer read whole but never past `max_answer_mb` (a broken upstream or
-        a proxy must not be able to fill the gateway's memory)."""
+    async def receive(self, method: str, url: str, **kwargs: Any) -> tuple[httpx.Response, bytearray]:
+        """One API call: the answer (closed: status and headers) and its body, read whole into one
+        buffer but never past `max_answer_mb` (a broken upstream or a proxy must not be able to
+        fill the gateway's memory)."""
         request = self.client.build_request(method, url, **kwargs)
         try:
             response = await self.client.send(request, stream=True)
             try:
-                body = await http.read_capped(response, int(self.options.max_answer_mb * 1024 * 1024))
+                body = await http.read_buffer(response, int(self.options.max_answer_mb * 1024 * 1024))
             finally:
                 await response.aclose()
         except http.TooLarge:
             raise http.bad_response(f"upstream answer is larger than {self.options.max_answer_mb:g} MB") from None
         except httpx.HTTPError as exc:
             raise http.transport_error(exc) from None
-        # The body is decoded already: the headers must not say it is still compressed.
-        headers = [(k, v) for k, v in response.headers.multi_items()
-                   if k.lower() not in ("content-encoding", "content-length", "transfer-encoding")]
-        return httpx.Response(response.status_code, headers=headers, content=body, request=request)
+        return response, body
+
+    async def send(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        """One API call, its answer read whole (as `receive`) into a plain httpx.Response."""
+        response, body = await self.receive(method, url, **kwargs)
+        return _whole(response, bytes(body))
 
     async def call(self, method: str, url: str, **kwargs: Any) -> Any:
         """Send, map an error status through `error`, and parse the JSON answer."""
@@ -98,6 +101,14 @@ class HTTPProvider(Provider):
         if response.status_code >= 300:
             raise self.error(response)
         return http.parse_json(response)
+
+    async def call_images(self, method: str, url: str, **kwargs: Any) -> tuple[Any, list[memoryview]]:
+        """`call` for an images answer: the JSON without its `b64_json` strings, and those as views
+        into the answer's buffer (http.parse_images_answer), so megabytes of base64 pass through."""
+        response, body = await self.receive(method, url, **kwargs)
+        if response.status_code >= 300:
+            raise self.error(_whole(response, bytes(body)))
+        return http.parse_images_answer(body)
 
     def download_hosts(self) -> list[str]:
         return [http.base_host(self.base), *self.options.download_hosts]
@@ -112,3 +123,10 @@ class HTTPProvider(Provider):
     def clean(self, message: Any, limit: int = 500) -> str:
         """An upstream message made safe to show: text, bounded, with every secret redacted."""
         return http.redact(str(message), self.secrets())[:limit]
+
+
+def _whole(response: httpx.Response, body: bytes) -> httpx.Response:
+    # The body is decoded already: the headers must not say it is still compressed.
+    headers = [(k, v) for k, v in response.headers.multi_items()
+               if k.lower() not in ("content-encoding", "content-length", "transfer-encoding")]
+    return httpx.Response(response.status_code, headers=headers, content=body, request=response.request)

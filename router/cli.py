@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import logging
 import os
 import sys
@@ -12,6 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from . import config, keys_cli
+
+# mallopt(3): the largest M_MMAP_THRESHOLD glibc takes on 64-bit, and freed heap kept up to 256 MB.
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+MMAP_THRESHOLD, TRIM_THRESHOLD = 32 << 20, 256 << 20
 
 
 def _load_or_exit(path: str | None) -> config.Config:
@@ -30,6 +35,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from .app import create_app
 
     cfg = _load_or_exit(args.config)
+    args.workers = _worker_count(args.workers, cfg)
+    keep_freed_memory()
     host = args.host or cfg.server.host
     port = cfg.server.port if args.port is None else args.port
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -42,6 +49,46 @@ def cmd_serve(args: argparse.Namespace) -> None:
         uvicorn.run("imagegate.router.app:app_from_env", factory=True, workers=args.workers, **options)
     else:
         uvicorn.run(create_app(cfg), **options)
+
+
+def keep_freed_memory() -> None:
+    """glibc's malloc: megabyte buffers (an image answer's) from the heap rather than fresh mappings,
+    and freed memory kept for the next request rather than handed back to the kernel and faulted in
+    again. A page faulted in costs microseconds (more on a VM): 1.7 ms of CPU per 1.6 MB image here
+    (README, Performance). Worker processes read the same settings from the environment at start;
+    an operator's own MALLOC_* values win."""
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(MMAP_THRESHOLD))
+    os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", str(TRIM_THRESHOLD))
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: nothing to tune
+        return
+    for option, name in ((M_MMAP_THRESHOLD, "MALLOC_MMAP_THRESHOLD_"), (M_TRIM_THRESHOLD, "MALLOC_TRIM_THRESHOLD_")):
+        value = os.environ[name]
+        if value.isdigit():
+            libc.mallopt(option, int(value))
+
+
+def _workers(value: str) -> int | str:
+    if value == "auto":
+        return value
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError("a number of processes (1 or more), or auto")
+    return int(value)
+
+
+def _worker_count(asked: int | str, cfg: config.Config) -> int:
+    """`auto`: one process per CPU core this process may run on. A gateway with local GPU
+    providers runs one process: each would load its own copy of the models."""
+    local = [name for name, raw in cfg.providers.items() if raw.get("type") == "diffusers"]
+    if asked == "auto":
+        return 1 if local else max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                   else os.cpu_count() or 1)
+    if int(asked) > 1 and local:
+        print(f"imagegate serve: --workers {asked} with diffusers providers ({', '.join(local)}) would load "
+              "the models once per process; serve them with one process (or `imagegate worker`)", file=sys.stderr)
+        raise SystemExit(1)
+    return int(asked)
 
 
 def _multiprocess_metrics() -> None:
@@ -103,7 +150,8 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", help="YAML file (default: the embedded config/default.yaml)")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
-    serve.add_argument("--workers", type=int, default=1, help="worker processes (metrics are summed over them)")
+    serve.add_argument("--workers", type=_workers, default=1,
+                       help="worker processes, or `auto`: one per usable CPU core (metrics are summed over them)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.set_defaults(func=cmd_serve)
     worker = sub.add_parser("worker", help="serve this machine's GPUs (its diffusers providers) as the same API")

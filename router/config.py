@@ -84,6 +84,11 @@ class ArtifactsConfig(_Strict):
     # gateway-signed URLs whose bytes the gateway streams. A local directory is always `gateway`.
     url_results: Literal["presigned", "gateway"] = "presigned"
     ttl_hours: float = Field(default=24, gt=0)
+    # OpenAI b64_json answers of /v1/images/generations and /edits: keep each image as an artifact
+    # too (its `artifact_id` can be fed back), or hand the base64 over and keep nothing (OpenAI's
+    # own shape, and no file written per image). URL answers, seed 003's image-to-image, the
+    # native endpoints and async tasks always keep theirs.
+    keep_b64_answers: bool = True
 
     @field_validator("url")
     @classmethod

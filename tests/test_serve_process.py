@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 import yaml
 
@@ -31,7 +32,7 @@ EXITED_ON_SIGTERM = (0, -signal.SIGTERM)
 
 
 class ServeProcess:
-    def __init__(self, tmp_path: Path, upstream: FakeOpenAI, *, workers: int = 1, grace_s: float = 10) -> None:
+    def __init__(self, tmp_path: Path, upstream: FakeOpenAI, *, workers: int | str = 1, grace_s: float = 10) -> None:
         cfg: dict[str, Any] = {
             "server": {"shutdown_grace_s": grace_s, "request_timeout_s": 30},
             "artifacts": {"dir": str(tmp_path / "artifacts")},
@@ -42,7 +43,7 @@ class ServeProcess:
         path.write_text(yaml.safe_dump(cfg))
         self.port = free_port()
         env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
-        if workers > 1:  # where the workers' metric files go (the CLI makes a temporary one if unset)
+        if workers != 1:  # where the workers' metric files go (the CLI makes a temporary one if unset)
             env["PROMETHEUS_MULTIPROC_DIR"] = str(tmp_path / "metrics")
             (tmp_path / "metrics").mkdir()
         self.proc = subprocess.Popen(
@@ -151,3 +152,24 @@ def test_metrics_add_up_across_worker_processes(serve: Any, upstream: FakeOpenAI
         assert float(requests.rsplit(" ", 1)[1]) == 24
         ok = next(line for line in lines if re.match(r'imagegate_upstream_attempts_total\{.*outcome="ok"', line))
         assert float(ok.rsplit(" ", 1)[1]) == 24
+
+
+def test_workers_auto_runs_one_process_per_usable_core(serve: Any, tmp_path: Path) -> None:
+    gw = serve(workers="auto")
+    cores = len(os.sched_getaffinity(0))
+    # uvicorn's supervisor and its workers: every worker serving is one more child process.
+    wait_until(lambda: len(psutil.Process(gw.proc.pid).children(recursive=True)) >= cores, f"{cores} workers")
+    assert gw.generate().status_code == 200
+
+
+def test_workers_with_a_local_gpu_backend_are_refused(tmp_path: Path) -> None:
+    cfg = {"providers": {"gpu": {"type": "diffusers", "models": {"m": {"family": "sd15", "path": str(tmp_path)}}}},
+           "models": {"m": {"price_per_mp": 0, "routes": [{"provider": "gpu", "model": "m"}]}}}
+    path = tmp_path / "gpu.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    run = subprocess.run([sys.executable, "-m", "imagegate", "serve", "--config", str(path), "--workers", "2"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+    assert run.returncode == 1 and "once per process" in run.stderr
+    bad = subprocess.run([sys.executable, "-m", "imagegate", "serve", "--workers", "many"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert bad.returncode == 2 and "auto" in bad.stderr

@@ -21,7 +21,18 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from ..errors import ApiError, invalid
-from ..pipeline import Caller, ClientGone, ImageAsk, Inputs, Pipeline, Prepared, Reply, TaskRecord, fingerprint
+from ..pipeline import (
+    Base64Text,
+    Caller,
+    ClientGone,
+    ImageAsk,
+    Inputs,
+    Pipeline,
+    Prepared,
+    Reply,
+    TaskRecord,
+    fingerprint,
+)
 from ..services import Services
 from .bodies import read_object
 from .context import caller_of, disconnected, idempotency_key, mark
@@ -204,7 +215,7 @@ async def _reply(request: Request, pipeline: Pipeline, family: Family, prepared:
                                      "x-imagegate-cost": generation.delivered.price.header()})
 
 
-Item = tuple[str, int | None, str | None, int]  # artifact id, seed, base64 (or None), expires at
+Item = tuple[str, int | None, Base64Text | str | None, int]  # artifact id, seed, base64 (or None), expires at
 
 
 def _answer(pipeline: Pipeline, caller: Caller, family: Family, items: list[Item], model_id: str,
@@ -212,7 +223,7 @@ def _answer(pipeline: Pipeline, caller: Caller, family: Family, items: list[Item
     """The family's answer: its images (base64 or URLs) under its own key, plus model, seeds,
     artifact ids and billing."""
     if family.urls:
-        images: list[str] = [pipeline.url_for(caller, art, expires) for art, _, _, expires in items]
+        images: list[Base64Text | str] = [pipeline.url_for(caller, art, expires) for art, _, _, expires in items]
     else:
         images = [b64 or "" for _, _, b64, _ in items]
     return {family.answer: images, "model": model_id, "seeds": [seed for _, seed, _, _ in items],

@@ -6,6 +6,7 @@ server-sent event stream, or a 202 task)."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from functools import partial
 
 from starlette.requests import Request
@@ -41,7 +42,8 @@ async def generations(request: Request) -> Response:
     services = mark(request, GENERATIONS)
     raw = await read_json(request)
     body = parse_body(GenerationBody, raw)
-    return await _serve(request, services, body, "generate", Inputs(), lambda: fingerprint(GENERATIONS, raw))
+    return await _serve(request, services, body, "generate", Inputs(), lambda: fingerprint(GENERATIONS, raw),
+                        artifacts=_keeps(services, body))
 
 
 async def edits(request: Request) -> Response:
@@ -55,7 +57,13 @@ async def edits(request: Request) -> Response:
     else:
         inputs, fields = await form_inputs(await read_form(request), services.cfg.server.max_image_pixels)
         body = parse_body(EditBody, fields)
-    return await _serve(request, services, body, "edit", inputs, lambda: fingerprint(EDITS, fields, inputs.blobs()))
+    return await _serve(request, services, body, "edit", inputs, lambda: fingerprint(EDITS, fields, inputs.blobs()),
+                        artifacts=_keeps(services, body))
+
+
+def _keeps(services: Services, body: GenerationBody) -> bool:
+    """Whether the answer's images are kept as artifacts: always for URLs, by configuration for base64."""
+    return body.response_format == "url" or services.cfg.artifacts.keep_b64_answers
 
 
 async def image_to_image(request: Request) -> Response:
@@ -72,9 +80,10 @@ async def image_to_image(request: Request) -> Response:
 
 
 async def _serve(request: Request, services: Services, body: GenerationBody, operation: str, inputs: Inputs,
-                 print_: Callable[[], str], as_task: bool | None = None) -> Response:
+                 print_: Callable[[], str], as_task: bool | None = None, artifacts: bool = True) -> Response:
     pipeline, caller = services.pipeline, caller_of(request)
-    prepared = pipeline.prepare(body.ask(), operation, inputs, caller, partial(setattr, request.state, "model"))
+    ask = body.ask() if artifacts else replace(body.ask(), artifacts=False)
+    prepared = pipeline.prepare(ask, operation, inputs, caller, partial(setattr, request.state, "model"))
     if body.dry_run:
         return JSONResponse(pipeline.quote(prepared), headers={"x-imagegate-model": prepared.model_id,
                                                                "x-imagegate-cost": prepared.price.header()})
@@ -111,8 +120,9 @@ async def _reply(request: Request, pipeline: Pipeline, prepared: Prepared, calle
         items = [image_item(image, url=pipeline.url_of(caller, image.artifact), artifact_id=image.artifact.id)
                  for image in generation.images if image.artifact is not None]
     else:
-        items = [image_item(image, b64_json=image.b64, artifact_id=image.artifact.id)
-                 for image in generation.images if image.artifact is not None]
+        items = [image_item(image, b64_json=image.b64, **({} if image.artifact is None else
+                                                          {"artifact_id": image.artifact.id}))
+                 for image in generation.images]
     body = images_body(items, generation.delivered, prepared, generation.billing, generation.inputs)
     return Reply.json(body, headers=_headers(generation))
 

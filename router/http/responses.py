@@ -8,6 +8,7 @@ import orjson
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from ..errors import ApiError
 from ..pipeline import Reply
@@ -30,7 +31,25 @@ def error_response(exc: ApiError, path: str = "") -> Response:
     return Response(exc.body(), status_code=exc.status, headers=exc.headers, media_type="application/json")
 
 
+class PiecesResponse(Response):
+    """A body written from the pieces it is made of (the images' base64 among them), not joined."""
+
+    def __init__(self, pieces: tuple[bytes | memoryview, ...], status_code: int, headers: dict[str, str],
+                 media_type: str) -> None:
+        self.pieces = pieces
+        length = sum(len(piece) for piece in pieces)
+        super().__init__(None, status_code, {**headers, "content-length": str(length)}, media_type)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        last = len(self.pieces) - 1
+        for index, piece in enumerate(self.pieces):
+            await send({"type": "http.response.body", "body": piece, "more_body": index < last})
+
+
 def reply_response(reply: Reply) -> Response:
+    if reply.parts:
+        return PiecesResponse(reply.parts, reply.status, reply.headers, reply.media_type)
     return Response(reply.body, status_code=reply.status, headers=reply.headers, media_type=reply.media_type)
 
 

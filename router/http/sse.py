@@ -14,13 +14,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import anyio
-import orjson
 import pybase64
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from ..errors import ApiError, internal_error
-from ..pipeline import DeliveredImage, Generation, Prepared, image_item
+from ..pipeline import DeliveredImage, Generation, Prepared, image_item, json_bytes
 
 log = logging.getLogger("imagegate")
 Produce = Callable[[], Awaitable[Generation]]
@@ -30,7 +29,7 @@ _USAGE = {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0,
 
 def _sse(event: dict[str, Any]) -> bytes:
     kind: str = event["type"]
-    return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(event) + b"\n\n"
+    return b"event: " + kind.encode() + b"\ndata: " + json_bytes(event) + b"\n\n"
 
 
 def _common(prepared: Prepared, created: int) -> dict[str, Any]:

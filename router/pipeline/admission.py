@@ -1,5 +1,6 @@
 """Whether a validated request may start, and what it holds while it runs: the key's rate limit
-(requests per clock minute), its concurrency slot and its credit hold.
+(requests per clock minute), its concurrency slot and its credit hold, taken in one transaction
+(one round trip to the store per request).
 
 All of it lives in the state store, so the limits hold across gateway replicas. Unlimited keys
 and auth-off requests hold no credit; settlement.py gives back what admission took.
@@ -8,9 +9,9 @@ and auth-off requests hold no credit; settlement.py gives back what admission to
 from __future__ import annotations
 
 from ..errors import ApiError
-from ..state import InsufficientCredit, Store, format_usd
+from ..state import Store, format_usd
 from .caller import Caller
-from .settlement import Admitted, Hold, settle
+from .settlement import Admitted, Hold
 from .validation import Prepared
 
 SLOT_GRACE_S = 60.0  # a slot outlives any request by this much; then a crashed replica's slot lapses
@@ -28,34 +29,32 @@ class Admission:
             return
         wait_s = await self.store.count_request(key.id, key.rpm)
         if wait_s is not None:
-            raise ApiError(429, f"this API key is limited to {key.rpm} requests per minute",
-                           code="rate_limit_exceeded", retry_after=wait_s)
+            raise _rate_limited(key.rpm, wait_s)
 
     async def admit(self, prepared: Prepared, caller: Caller) -> Admitted:
-        """Rate limit, concurrency slot, then the credit hold; a refusal leaves nothing taken."""
-        await self.check_rate(caller)
+        """Rate limit, concurrency slot, then the credit hold, in one store transaction; a refusal
+        leaves nothing taken."""
         key = caller.key
-        slot = None
-        if key is not None and key.concurrency is not None:
-            slot = await self.store.acquire_slot(key.id, key.concurrency, self.slot_ttl_s)
-            if slot is None:
-                raise ApiError(429, f"this API key may run {key.concurrency} requests at once; wait for one "
-                               "to finish", code="concurrency_limit_exceeded", retry_after=1)
-        try:
-            return Admitted(await self._hold(prepared, caller), slot)
-        except BaseException:
-            await settle(self.store, Admitted(slot=slot), 0)
-            raise
-
-    async def _hold(self, prepared: Prepared, caller: Caller) -> Hold | None:
-        """Hold the request's price on the caller's key; None when nothing is metered."""
-        key = caller.key
-        if key is None or key.balance_micros is None:
-            return None
+        metered = key is not None and key.balance_micros is not None
+        if key is None or (key.rpm is None and key.concurrency is None and not metered):
+            return Admitted()
         micros = prepared.price.cost_micros
-        try:
-            return Hold(await self.store.hold(key.id, micros, caller.request_id), micros)
-        except InsufficientCredit:
+        got = await self.store.admit(key.id, rpm=key.rpm, concurrency=key.concurrency, slot_ttl_s=self.slot_ttl_s,
+                                     hold_micros=micros if metered else None, reference=caller.request_id)
+        if got.refused == "rate":
+            raise _rate_limited(key.rpm, got.wait_s)
+        if got.refused == "concurrency":
+            raise ApiError(429, f"this API key may run {key.concurrency} requests at once; wait for one "
+                           "to finish", code="concurrency_limit_exceeded", retry_after=1)
+        if got.refused == "revoked":
+            raise ApiError(401, "this API key has been revoked", code="invalid_api_key",
+                           headers={"www-authenticate": "Bearer"})
+        if got.refused == "credit":
             raise ApiError(402, f"this request costs {format_usd(micros)} USD, more than the API key's "
-                           "remaining credit", code="insufficient_quota",
-                           headers={"x-should-retry": "false"}) from None
+                           "remaining credit", code="insufficient_quota", headers={"x-should-retry": "false"})
+        return Admitted(None if got.hold_id is None else Hold(got.hold_id, micros), got.slot_id)
+
+
+def _rate_limited(rpm: int | None, wait_s: int | None) -> ApiError:
+    return ApiError(429, f"this API key is limited to {rpm} requests per minute", code="rate_limit_exceeded",
+                    retry_after=wait_s)

@@ -43,6 +43,10 @@ class ImageAsk:
     keep_s: int | None = None
     # Where an async task's end is announced (Standard Webhooks); checked at submission.
     webhook_url: str | None = None
+    # Whether the answer hands out its images as artifacts (an id, a URL), so they are kept; a
+    # surface whose answer carries the base64 and no id (A1111's, OpenAI's b64_json when
+    # artifacts.keep_b64_answers is off) spares the write. Async task results are always kept.
+    artifacts: bool = True
     # Fields the surface does not know: a 400 unless the model passes them through.
     extra: dict[str, Any] = field(default_factory=dict)
 

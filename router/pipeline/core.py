@@ -135,7 +135,7 @@ class Pipeline:
     async def _hand_over(self, prepared: Prepared, caller: Caller, admitted: Admitted, served: Served,
                          inputs: list[str]) -> Generation:
         delivered = await self.delivery.deliver(prepared, served)
-        if not prepared.stream:  # every answered image is an artifact its owner can feed back; streams carry base64
+        if prepared.artifacts and not prepared.stream:  # its owner can feed them back; streams carry base64
             await self.delivery.store(delivered.images, caller.owner, prepared.keep_s)
         billing = delivered.price.body()
         if admitted.hold is not None:

@@ -18,6 +18,7 @@ from ..errors import ApiError
 from ..state import Claim, Replay, Store
 from .admission import SLOT_GRACE_S
 from .caller import Caller
+from .json_parts import Piece, json_parts
 from .settlement import SETTLE_TIMEOUT_S
 
 log = logging.getLogger("imagegate.admission")
@@ -35,10 +36,20 @@ class Reply:
     body: bytes
     headers: dict[str, str] = field(default_factory=dict)
     media_type: str = "application/json"
+    # A JSON answer with images: its body in pieces (the images' base64 as it arrived), written one
+    # after the other; `body` is then empty.
+    parts: tuple[Piece, ...] = ()
 
     @classmethod
     def json(cls, content: Any, status: int = 200, headers: dict[str, str] | None = None) -> Reply:
-        return cls(status, orjson.dumps(content), dict(headers or {}))
+        parts = json_parts(content)
+        if len(parts) == 1:
+            return cls(status, bytes(parts[0]), dict(headers or {}))
+        return cls(status, b"", dict(headers or {}), parts=tuple(parts))
+
+    def whole(self) -> bytes:
+        """The body as one bytes object (a copy when in pieces): what a replay stores."""
+        return b"".join(self.parts) if self.parts else self.body
 
 
 def fingerprint(endpoint: str, fields: Any, blobs: Iterable[bytes] = ()) -> str:
@@ -95,7 +106,7 @@ class Idempotency:
                         headers = {k: v for k, v in reply.headers.items() if k in _KEPT_HEADERS}
                         headers["content-type"] = reply.media_type
                         await self.store.complete_idempotency(scope, key, owner,
-                                                              Replay(reply.status, headers, reply.body))
+                                                              Replay(reply.status, headers, reply.whole()))
                     else:
                         await self.store.abandon_idempotency(scope, key, owner)
                 except Exception:

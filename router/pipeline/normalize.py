@@ -12,6 +12,7 @@ from imagegate.providers.imaging import ImageCheckError, ImageInfo, convert, ins
 
 from ..artifacts import Artifact
 from ..errors import ApiError
+from .json_parts import Base64Text
 
 
 @dataclass(slots=True)
@@ -20,7 +21,7 @@ class DeliveredImage:
     and what is known of it. `artifact` is set once it is stored (url answers, task results)."""
 
     data: bytes
-    b64: str
+    b64: Base64Text
     info: ImageInfo
     seed: int | None
     revised_prompt: str | None = None
@@ -37,7 +38,7 @@ def _check(image: GeneratedImage, max_pixels: int) -> ImageInfo:
 def _convert(image: GeneratedImage, info: ImageInfo, request: ImageRequest, max_pixels: int) -> DeliveredImage:
     data = convert(image.data, info, to_format=request.output_format, compression=request.output_compression,
                    background=request.background, size=(request.width, request.height))
-    return DeliveredImage(data, pybase64.b64encode(data).decode("ascii"), inspect(data, max_pixels=max_pixels),
+    return DeliveredImage(data, Base64Text(pybase64.b64encode(data)), inspect(data, max_pixels=max_pixels),
                           image.seed, image.revised_prompt)
 
 
@@ -55,7 +56,7 @@ async def finish_all(images: list[GeneratedImage], request: ImageRequest, max_pi
             # Decoding and re-encoding pixels takes milliseconds to seconds: off the event loop.
             out.append(await anyio.to_thread.run_sync(_convert, image, info, request, max_pixels))
         else:
-            b64 = image.b64 if image.b64 is not None else pybase64.b64encode(image.data).decode("ascii")
-            # Untouched: the upstream's own base64 is reused.
+            # Untouched: the upstream's own base64 passes through as it came.
+            b64 = Base64Text(image.b64 if image.b64 is not None else pybase64.b64encode(image.data))
             out.append(DeliveredImage(image.data, b64, info, image.seed, image.revised_prompt))
     return out

@@ -46,16 +46,13 @@ async def settle(store: Store, admitted: Admitted, delivered_micros: int) -> Non
     if admitted.settled:
         return
     admitted.settled = True
+    if admitted.hold is None and admitted.slot is None:
+        return
     with anyio.CancelScope(shield=True):
-        if admitted.hold is not None:
-            try:
-                with anyio.fail_after(SETTLE_TIMEOUT_S):
-                    await store.settle(admitted.hold.id, delivered_micros)
-            except Exception:  # the answer stands; a sweep releases what is left
-                log.exception("could not settle hold %s", admitted.hold.id)
-        if admitted.slot is not None:
-            with anyio.move_on_after(SETTLE_TIMEOUT_S):
-                try:
-                    await store.release_slot(admitted.slot)
-                except Exception:  # it lapses by itself after the request deadline
-                    log.exception("could not free concurrency slot %s", admitted.slot)
+        try:
+            with anyio.fail_after(SETTLE_TIMEOUT_S):  # one transaction: the hold settled, the slot freed
+                await store.settle_request(None if admitted.hold is None else admitted.hold.id, delivered_micros,
+                                           admitted.slot)
+        except Exception:  # the answer stands; a sweep releases the hold, the slot lapses by itself
+            log.exception("could not settle request (hold %s, slot %s)",
+                          None if admitted.hold is None else admitted.hold.id, admitted.slot)

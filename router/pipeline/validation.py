@@ -35,6 +35,7 @@ class Prepared:
     inputs: Inputs  # the input images as given (request.images are the same), with their artifact ids
     keep_s: int | None = None  # the results' lifetime, when longer than the artifacts' default
     webhook_url: str | None = None  # an async task's callback, checked when it is submitted
+    artifacts: bool = True  # the answer's images are kept as artifacts (see ImageAsk.artifacts)
 
 
 def check_extra_fields(ask: ImageAsk, model: ModelConfig) -> dict[str, object]:
@@ -198,4 +199,4 @@ def prepare(ask: ImageAsk, model_id: str, model: ModelConfig, operation: str, in
     return Prepared(model_id=model_id, request=request, needs=_needs(operation, ask, inputs),
                     response_format=ask.response_format or "b64_json", stream=ask.stream,
                     partial_images=ask.partial_images, price=price, inputs=inputs, keep_s=ask.keep_s,
-                    webhook_url=ask.webhook_url)
+                    webhook_url=ask.webhook_url, artifacts=ask.artifacts)

@@ -17,13 +17,13 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from . import keys
 from .keygen import new_key_id
-from .records import InsufficientCredit, StateError
+from .records import InsufficientCredit, KeyRevoked, StateError
 from .schema import api_keys, holds, ledger
 
 # Built once: every request holds, and building a statement costs more than running it on SQLite.
 _TAKE = (api_keys.update()
          .where(api_keys.c.id == sa.bindparam("key"), api_keys.c.balance_micros.is_not(None),
-                api_keys.c.balance_micros >= sa.bindparam("micros"))
+                api_keys.c.balance_micros >= sa.bindparam("micros"), api_keys.c.revoked_at.is_(None))
          .values(balance_micros=api_keys.c.balance_micros - sa.bindparam("micros")))
 _POST_HOLD = ledger.insert()
 _NEW_HOLD = holds.insert()
@@ -45,6 +45,8 @@ async def take(conn: AsyncConnection, key_id: str, micros: int, reference: str |
     taken = await conn.execute(_TAKE, {"key": key_id, "micros": micros})
     if taken.rowcount != 1:
         key = await keys.get(conn, key_id)  # KeyNotFound when that is the reason
+        if key.revoked:
+            raise KeyRevoked(key_id)
         if key.balance_micros is None:
             raise StateError(f"API key '{key_id}' is unlimited (it keeps no balance)")
         raise InsufficientCredit(key_id, micros)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 
 import sqlalchemy as sa
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from .keygen import new_key_id
@@ -20,28 +20,33 @@ from .schema import api_keys, rate_windows, slots
 async def count_request(engine: AsyncEngine, key_id: str, rpm: int) -> int | None:
     """Count one request in the key's current clock minute: None when allowed, else the seconds
     until the minute ends. The window's row is updated only while under the limit."""
-    now = time.time()
-    window = int(now // 60)
-    step = (rate_windows.update()
+    async with engine.begin() as conn:
+        return await count_in(conn, key_id, rpm)
+
+
+def _step(key_id: str, rpm: int, window: int) -> sa.Update:
+    return (rate_windows.update()
             .where(rate_windows.c.key_id == key_id,
                    sa.or_(rate_windows.c.window != window, rate_windows.c.count < rpm))
             .values(count=sa.case((rate_windows.c.window == window, rate_windows.c.count + 1), else_=1),
                     window=window))
-    for _ in range(2):  # a first request of a key may race another replica's insert
-        async with engine.begin() as conn:
-            if (await conn.execute(step)).rowcount == 1:
-                return None
-            exists = (await conn.execute(sa.select(rate_windows.c.key_id)
-                                         .where(rate_windows.c.key_id == key_id))).first()
-            if exists is not None:
-                return max(1, int((window + 1) * 60 - now + 0.999))
-        try:
-            async with engine.begin() as conn:
-                await conn.execute(rate_windows.insert().values(key_id=key_id, window=window, count=1))
-            return None
-        except IntegrityError:
-            continue
-    return 1
+
+
+async def count_in(conn: AsyncConnection, key_id: str, rpm: int) -> int | None:
+    """`count_request` inside the caller's transaction (admission's one round trip): the
+    conditional UPDATE, and for a key's first request an INSERT … ON CONFLICT DO NOTHING (both
+    databases), which waits for, rather than fails on, another replica's insert of the same row."""
+    now = time.time()
+    window = int(now // 60)
+    if (await conn.execute(_step(key_id, rpm, window))).rowcount == 1:
+        return None
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    first = dialect.insert(rate_windows).values(key_id=key_id, window=window, count=1).on_conflict_do_nothing()
+    if (await conn.execute(first)).rowcount == 1:
+        return None
+    if (await conn.execute(_step(key_id, rpm, window))).rowcount == 1:  # the row another replica just made
+        return None
+    return max(1, int((window + 1) * 60 - now + 0.999))
 
 
 async def acquire_slot(conn: AsyncConnection, key_id: str, limit: int, ttl_s: float) -> str | None:

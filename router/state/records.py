@@ -20,12 +20,30 @@ class KeyNotFound(StateError):
         self.key_id = key_id
 
 
+class KeyRevoked(StateError):
+    """A request on a key revoked since it was authenticated; nothing was taken."""
+
+    def __init__(self, key_id: str) -> None:
+        super().__init__(f"API key '{key_id}' is revoked")
+
+
 class InsufficientCredit(StateError):
     """A hold the key's balance cannot cover; nothing was taken."""
 
     def __init__(self, key_id: str, micros: int) -> None:
         super().__init__(f"API key '{key_id}' has less than {format_usd(micros)} USD of credit left")
         self.key_id, self.micros = key_id, micros
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """What one request's admission took, in one transaction: its slot and hold, or why it was
+    refused (`rate`: wait `wait_s`; `concurrency`; `credit`), having taken nothing but the count."""
+
+    refused: Literal["rate", "concurrency", "credit", "revoked"] | None = None
+    wait_s: int | None = None
+    slot_id: str | None = None
+    hold_id: str | None = None
 
 
 @dataclass(frozen=True)

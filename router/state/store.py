@@ -16,7 +16,17 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from . import holds, keys, limits, preferences, replays, tasks, webhooks
 from .keygen import new_webhook_secret
-from .records import DeliveryRecord, KeyRecord, LedgerEntry, Replay, StateError, TaskRecord
+from .records import (
+    Admission,
+    DeliveryRecord,
+    InsufficientCredit,
+    KeyRecord,
+    KeyRevoked,
+    LedgerEntry,
+    Replay,
+    StateError,
+    TaskRecord,
+)
 from .replays import Claim
 from .schema import migrate
 
@@ -124,6 +134,38 @@ class Store:
         """The key's ledger, most recent first."""
         async with self.engine.connect() as conn:
             return await keys.entries(conn, key_id, newest_first=True, limit=limit)
+
+    # -- one request's admission and settlement: a round trip each
+
+    async def admit(self, key_id: str, *, rpm: int | None, concurrency: int | None, slot_ttl_s: float,
+                    hold_micros: int | None, reference: str | None) -> Admission:
+        """Rate limit, concurrency slot and credit hold of one request, in one transaction. A
+        refusal takes nothing (the rate count stays: the request was made)."""
+        async with self.engine.begin() as conn:
+            if rpm is not None and (wait_s := await limits.count_in(conn, key_id, rpm)) is not None:
+                return Admission("rate", wait_s=wait_s)
+            slot_id = None
+            if concurrency is not None:
+                slot_id = await limits.acquire_slot(conn, key_id, concurrency, slot_ttl_s)
+                if slot_id is None:
+                    return Admission("concurrency")
+            hold_id = None
+            if hold_micros is not None:
+                try:
+                    hold_id = await holds.take(conn, key_id, hold_micros, reference)
+                except (InsufficientCredit, KeyRevoked) as refused:
+                    if slot_id is not None:
+                        await limits.release_slot(conn, slot_id)
+                    return Admission("credit" if isinstance(refused, InsufficientCredit) else "revoked")
+            return Admission(slot_id=slot_id, hold_id=hold_id)
+
+    async def settle_request(self, hold_id: str | None, captured_micros: int, slot_id: str | None) -> bool:
+        """`settle` the hold (if any) and free the slot (if any), in one transaction."""
+        async with self.engine.begin() as conn:
+            settled = hold_id is not None and await holds.settle(conn, hold_id, captured_micros)
+            if slot_id is not None:
+                await limits.release_slot(conn, slot_id)
+            return settled
 
     # -- credit holds
 

@@ -58,7 +58,7 @@ class FakeOpenAI(FakeUpstream):
         self.api_key = api_key
         self.noise = noise  # random-pixel PNGs (big, realistic size) instead of solid colours
         self.requests: list[Recorded] = []
-        self.mode = "b64"  # b64 | url | foreign_url | garbage | not_image | empty | few
+        self.mode = "b64"  # b64 | escaped | data_uri | url | foreign_url | garbage | not_image | empty | few
         self.fail_status: int | None = None
         self.fail_times = 0
         self.error_body: dict[str, Any] | None = None
@@ -125,6 +125,8 @@ class FakeOpenAI(FakeUpstream):
                 self.files[name] = image
                 host = self.url if self.mode == "url" else "http://evil.invalid"
                 data.append({"url": f"{host}/files/{name}?se={int(time.time()) + 3600}"})
+            elif self.mode == "data_uri":
+                data.append({"b64_json": "data:image/png;base64," + base64.b64encode(image).decode()})
             elif self.mode == "not_image":
                 data.append({"b64_json": base64.b64encode(b"definitely not an image").decode()})
             else:
@@ -134,6 +136,8 @@ class FakeOpenAI(FakeUpstream):
         elif self.mode == "few":  # one image fewer than asked, as some upstreams do
             data = data[:-1] or data
         body = {"created": int(time.time()), "data": data, "output_format": fmt, "size": f"{width}x{height}"}
+        if self.mode == "escaped":  # as PHP's json_encode writes it: every "/" escaped, inside base64 too
+            return Response(orjson.dumps(body).replace(b"/", b"\\/"), media_type="application/json")
         return Response(orjson.dumps(body), media_type="application/json")
 
     async def _generations(self, request: Request) -> Response:
