@@ -27,6 +27,15 @@ _TAKE = (api_keys.update()
          .values(balance_micros=api_keys.c.balance_micros - sa.bindparam("micros")))
 _POST_HOLD = ledger.insert()
 _NEW_HOLD = holds.insert()
+_FLIP = (holds.update()
+         .where(holds.c.id == sa.bindparam("hold"), holds.c.status == "held")
+         .values(status="settled",
+                 captured_micros=sa.case((holds.c.amount_micros < sa.bindparam("asked"), holds.c.amount_micros),
+                                         else_=sa.bindparam("asked")))
+         .returning(holds.c.key_id, holds.c.amount_micros, holds.c.captured_micros))
+_GIVE_BACK = (api_keys.update()
+              .where(api_keys.c.id == sa.bindparam("key"), api_keys.c.balance_micros.is_not(None))
+              .values(balance_micros=api_keys.c.balance_micros + sa.bindparam("micros")))
 
 
 def new_hold_id() -> str:
@@ -64,24 +73,24 @@ async def settle(conn: AsyncConnection, hold_id: str, captured_micros: int) -> b
 
     One UPDATE … RETURNING both flips the hold (only if still `held`) and reads what it was:
     a round trip fewer than reading first, and the flip stays the one thing that decides."""
-    asked = max(0, int(captured_micros))
-    flipped = (await conn.execute(
-        holds.update()
-        .where(holds.c.id == hold_id, holds.c.status == "held")
-        .values(status="settled",
-                captured_micros=sa.case((holds.c.amount_micros < asked, holds.c.amount_micros), else_=asked))
-        .returning(holds.c.key_id, holds.c.amount_micros, holds.c.captured_micros))).first()
+    flipped = (await conn.execute(_FLIP, {"hold": hold_id, "asked": max(0, int(captured_micros))})).first()
     if flipped is None:
         if (await conn.execute(sa.select(holds.c.id).where(holds.c.id == hold_id))).first() is None:
             raise StateError(f"hold '{hold_id}' not found")
         return False  # settled already (maybe by another replica's sweep)
-    captured = flipped.captured_micros
+    captured, now = flipped.captured_micros, time.time()
+    remainder = flipped.amount_micros - captured
+    rows = []  # both ledger rows in one INSERT: a statement less on every request
     if captured:
-        await conn.execute(ledger.insert().values(
-            key_id=flipped.key_id, at=time.time(), kind="capture", amount_micros=0,
-            reference=f"{hold_id} captured={captured}"))
-    if flipped.amount_micros - captured:
-        await keys.post(conn, flipped.key_id, "release", flipped.amount_micros - captured, hold_id)
+        rows.append({"key_id": flipped.key_id, "at": now, "kind": "capture", "amount_micros": 0,
+                     "reference": f"{hold_id} captured={captured}"})
+    if remainder:
+        if (await conn.execute(_GIVE_BACK, {"key": flipped.key_id, "micros": remainder})).rowcount != 1:
+            raise StateError(f"API key '{flipped.key_id}' of hold '{hold_id}' keeps no balance")
+        rows.append({"key_id": flipped.key_id, "at": now, "kind": "release", "amount_micros": remainder,
+                     "reference": hold_id})
+    if rows:
+        await conn.execute(ledger.insert().values(rows))
     return True
 
 

@@ -35,6 +35,9 @@ log = logging.getLogger("imagegate.state")
 DELIVERIES_KEPT_S = 7 * 86_400  # a finished delivery's record, for the task view and the operator
 GATEWAY_SCOPE = "~gateway"  # preferences of the gateway itself: no key id starts with "~"
 _MIGRATE_TRIES = 5  # SQLite: replicas (or `serve --workers`) starting together may race to migrate
+# Connections kept open: every metered request runs two short transactions, and at the default of
+# five a burst of 32 requests opened and closed overflow connections (a thread, or a login) each.
+_POOL: dict[str, Any] = {"pool_size": 20, "max_overflow": 10}
 
 
 def async_url(url: str) -> sa.URL:
@@ -51,10 +54,10 @@ def _engine(url: sa.URL, schema: str | None) -> AsyncEngine:
         if url.database and url.database != ":memory:":
             Path(url.database).parent.mkdir(parents=True, exist_ok=True)
         # Wait for a writer instead of failing at once: the gateway and the CLI share the file.
-        engine = create_async_engine(url, connect_args={"timeout": 30})
+        engine = create_async_engine(url, connect_args={"timeout": 30}, **_POOL)
         sa.event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
     else:
-        engine = create_async_engine(url, pool_pre_ping=True)
+        engine = create_async_engine(url, pool_pre_ping=True, **_POOL)
     # A schema of our own (tests; several gateways in one database) without naming it in every table.
     return engine.execution_options(schema_translate_map={None: schema}) if schema else engine
 
