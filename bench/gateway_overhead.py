@@ -10,8 +10,11 @@ flight with n=1 and 16 with n=4, its peak RSS above its idle RSS per in-flight i
 Printed: requests/s, p50/p99 latency, CPU ms per request of the upstream and the gateway, peak
 RSS; then the issue's targets on this machine: gateway >= 0.35x direct at c=32, <= 3 ms added p50
 at c=1, <= 3 ms gateway CPU per image, peak RSS <= 3x the base64 size per in-flight image.
-`--before EXE` runs a second gateway (another build's `imagegate` executable) beside this one,
-on the same upstream and load, and prints both side by side.
+Two gateways of this build run side by side: `gateway` as configured by default (every b64_json
+answer also kept as an artifact) and `nokeep` (`artifacts.keep_b64_answers: false`). `--before
+EXE` adds a third, another build's `imagegate` executable, on the same upstream and load.
+`--profile gateway|nokeep|before` samples that one with py-spy during its c=32 cell and prints
+where its time went.
 
 Run from the repository root (Linux, about two minutes):  .venv/bin/python bench/gateway_overhead.py
 """
@@ -44,6 +47,7 @@ import uvicorn
 import yaml
 from PIL import Image
 
+from bench import profile
 from bench.load_httpx import Job, run_httpx
 from bench.load_wrk import ensure_wrk, run_wrk
 from bench.procs import HOST, child_setup, cpu_seconds, free_port, reset_peak_rss, status_mb
@@ -170,8 +174,14 @@ def measure(load: str, server: Server, pids: dict[str, int], concurrency: int, n
     text = orjson.dumps(body(n)).decode()
     run_wrk(args.wrk, server.url, text, KEY, connections=concurrency, seconds=args.warmup)
     reset_peak_rss(server.pid)
+    spy = None
+    if args.profile and (server.label, concurrency, n) == (args.profile, 32, 1):
+        spy = profile.record(server.pid, args.duration, args.tmp / "profile.txt")
     cpu0 = {name: cpu_seconds(pid) for name, pid in watched.items()}
     got = run_wrk(args.wrk, server.url, text, KEY, connections=concurrency, seconds=args.duration)
+    if spy is not None:
+        spy.wait()
+        args.profiles.append(args.tmp / "profile.txt")
     cpu = {name: (cpu_seconds(pid) - cpu0[name]) * 1000 / max(1, got.requests) for name, pid in watched.items()}
     short = got.requests and got.bytes / got.requests < min_bytes
     return Cell(server.label, concurrency, n, got.requests, got.errors + got.non2xx + (got.requests if short else 0),
@@ -229,6 +239,8 @@ def options() -> argparse.Namespace:
     ap.add_argument("--httpx-requests", type=int, default=1000, help="timed requests per httpx cell at c=1")
     ap.add_argument("--before", help="another build's imagegate executable, run beside this one")
     ap.add_argument("--no-memory", action="store_true", help="skip the memory cells")
+    ap.add_argument("--profile", choices=["gateway", "nokeep", "before"],
+                    help="py-spy on that gateway during its c=32 cell (wrk only), summarised at the end")
     return ap.parse_args()
 
 
@@ -240,6 +252,7 @@ def main() -> None:
         raise SystemExit("wrk is not installed and could not be installed (apt-get install wrk)")
     load = "wrk" if args.wrk else "httpx"
     png, tmp = bench_png(), Path(tempfile.mkdtemp(prefix="imagegate-bench-"))
+    args.tmp, args.profiles = tmp, []
     exe = Path(sys.executable).parent / "imagegate"
     this = [str(exe)] if exe.exists() else [sys.executable, "-m", "imagegate"]
     # As configured by default (every answer kept as an artifact), and with b64_json answers only passed through.
@@ -266,6 +279,8 @@ def main() -> None:
             cells += [measure(load, s, pids, flight, n, args, n * b64_size(png)) for flight, n in MEMORY_CELLS
                       for s in servers[1:]]
         report(cells, png, servers, load, args)
+        for path in args.profiles:
+            profile.summary(path)
     finally:
         for proc in procs:
             proc.terminate()
