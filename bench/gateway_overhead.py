@@ -5,7 +5,8 @@ A fake OpenAI upstream answering a precomputed 1024x1024 PNG (about 1.6 MB of ba
 paths in the same run, at concurrency 1 and 32: `wrk` (C, one thread; Debian's package, installed
 here when missing) with a Lua script for the POST, or, with `--load httpx` or where wrk cannot be
 had, httpx.AsyncClient in one or two client processes. Then the gateway's memory: 64 requests in
-flight with n=1 and 16 with n=4, its peak RSS above its idle RSS per in-flight image.
+flight with n=1 and 16 with n=4, each on a gateway started for that cell, its peak RSS above its
+idle RSS per in-flight image.
 
 Printed: requests/s, p50/p99 latency, CPU ms per request of the upstream and the gateway, peak
 RSS; then the issue's targets on this machine: gateway >= 0.35x direct at c=32, <= 3 ms added p50
@@ -133,14 +134,14 @@ def wait_healthy(url: str, proc: subprocess.Popen[bytes] | BaseProcess, timeout:
 def start_gateway(tmp: Path, label: str, exe: list[str], upstream_url: str,
                   artifacts: dict[str, Any]) -> tuple[subprocess.Popen[bytes], Server]:
     port = free_port()
-    cfg = {"server": {"host": HOST}, "artifacts": {"dir": str(tmp / label / "artifacts"), **artifacts},
-           "state": {"url": f"sqlite:///{tmp / label / 'state.db'}"},
+    home = Path(tempfile.mkdtemp(prefix=label + "-", dir=tmp))
+    cfg = {"server": {"host": HOST}, "artifacts": {"dir": str(home / "artifacts"), **artifacts},
+           "state": {"url": f"sqlite:///{home / 'state.db'}"},
            "providers": {"up": {"type": "openai", "base_url": upstream_url, "api_key": KEY}},
            "models": {MODEL: {"routes": [{"provider": "up", "model": "upstream-model"}]}}, "default_model": MODEL}
-    (tmp / label).mkdir()
-    (tmp / label / "bench.yaml").write_text(yaml.safe_dump(cfg))
-    cmd = [*exe, "serve", "--config", str(tmp / label / "bench.yaml"), "--port", str(port), "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, cwd=tmp / label, preexec_fn=child_setup)
+    (home / "bench.yaml").write_text(yaml.safe_dump(cfg))
+    cmd = [*exe, "serve", "--config", str(home / "bench.yaml"), "--port", str(port), "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, cwd=home, preexec_fn=child_setup)
     url = f"http://{HOST}:{port}"
     wait_healthy(f"{url}/healthz", proc)
     return proc, Server(label, f"{url}/v1/images/generations", proc.pid, status_mb(proc.pid, "VmRSS"))
@@ -158,22 +159,25 @@ class Cell:
     p99_ms: float
     cpu_ms: dict[str, float]  # CPU ms per request: upstream, this path's gateway
     peak_rss_mb: float
+    idle_rss_mb: float = math.nan  # of the gateway started for this cell alone (memory cells)
 
 
 def measure(load: str, server: Server, pids: dict[str, int], concurrency: int, n: int, args: argparse.Namespace,
-            min_bytes: int) -> Cell:
+            min_bytes: int, reset_peak: bool = True) -> Cell:
     """One cell: a warm-up, then the timed load, with CPU and peak RSS over the timed part."""
     watched = {"upstream": pids["direct"], **({server.label: server.pid} if server.label != "direct" else {})}
     if load == "httpx":
         many = concurrency > 1
         cell = (concurrency, args.httpx_requests * (3 if many else 1), 50, 2 if many else 1)
-        reset_peak_rss(server.pid)
+        if reset_peak:
+            reset_peak_rss(server.pid)
         got = run_httpx(Job(server.url, body(n), KEY, min_bytes), cell, watched)
         return Cell(server.label, concurrency, n, got.requests, got.errors, got.rps, got.p50_ms, got.p99_ms,
                     got.cpu_ms, status_mb(server.pid, "VmHWM"))
     text = orjson.dumps(body(n)).decode()
     run_wrk(args.wrk, server.url, text, KEY, connections=concurrency, seconds=args.warmup)
-    reset_peak_rss(server.pid)
+    if reset_peak:
+        reset_peak_rss(server.pid)
     spy = None
     if args.profile and (server.label, concurrency, n) == (args.profile, 32, 1):
         spy = profile.record(server.pid, args.duration, args.tmp / "profile.txt")
@@ -225,9 +229,9 @@ def targets(cells: list[Cell], server: Server, b64: int) -> None:
     for flight, n in MEMORY_CELLS:
         cell = by.get((label, flight, n))
         if cell is not None:
-            per = (cell.peak_rss_mb - server.idle_rss_mb) * 2**20 / (flight * n) / b64
+            per = (cell.peak_rss_mb - cell.idle_rss_mb) * 2**20 / (flight * n) / b64
             print(f"{label}: {flight} in flight with n={n}: peak {cell.peak_rss_mb:.1f} MB, "
-                  f"{cell.peak_rss_mb - server.idle_rss_mb:.1f} MB above idle = {per:.2f}x the base64 size per "
+                  f"{cell.peak_rss_mb - cell.idle_rss_mb:.1f} MB above idle = {per:.2f}x the base64 size per "
                   f"in-flight image (target <= {TARGETS['rss_x']:g}: {verdict(per <= TARGETS['rss_x'])})")
 
 
@@ -242,6 +246,23 @@ def options() -> argparse.Namespace:
     ap.add_argument("--profile", choices=["gateway", "nokeep", "before"],
                     help="py-spy on that gateway during its c=32 cell (wrk only), summarised at the end")
     return ap.parse_args()
+
+
+def memory_cell(tmp: Path, build: tuple[str, list[str], dict[str, Any]], port: int, pids: dict[str, int],
+                cell: tuple[int, int], load: str, args: argparse.Namespace, png: bytes) -> Cell:
+    """A memory cell on a gateway started for it: its peak RSS (warm-up included) above its idle
+    RSS after start, with nothing kept from other cells' load."""
+    label, cmd, artifacts = build
+    proc, server = start_gateway(tmp, label, cmd, f"http://{HOST}:{port}/v1", artifacts)
+    try:
+        flight, n = cell
+        measured = measure(load, server, {**pids, label: server.pid}, flight, n, args, n * b64_size(png),
+                           reset_peak=False)
+        measured.idle_rss_mb = server.idle_rss_mb
+        return measured
+    finally:
+        proc.terminate()
+        proc.wait(15)
 
 
 def main() -> None:
@@ -276,8 +297,8 @@ def main() -> None:
         pids = {s.label: s.pid for s in servers}
         cells = [measure(load, s, pids, c, 1, args, b64_size(png)) for c in (1, 32) for s in servers]
         if not args.no_memory:
-            cells += [measure(load, s, pids, flight, n, args, n * b64_size(png)) for flight, n in MEMORY_CELLS
-                      for s in servers[1:]]
+            cells += [memory_cell(tmp, build, port, pids, cell, load, args, png) for cell in MEMORY_CELLS
+                      for build in builds]
         report(cells, png, servers, load, args)
         for path in args.profiles:
             profile.summary(path)

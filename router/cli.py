@@ -14,9 +14,10 @@ from typing import Any
 
 from . import config, keys_cli
 
-# mallopt(3): the largest M_MMAP_THRESHOLD glibc takes on 64-bit, and freed heap kept up to 256 MB.
+# mallopt(3): buffers up to 4 MB (one image's answer) from the heap, and freed heap kept up to
+# 256 MB; bigger ones (n=4 answers) are mapped and unmapped, which keeps the heap from fragmenting.
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-MMAP_THRESHOLD, TRIM_THRESHOLD = 32 << 20, 256 << 20
+MMAP_THRESHOLD, TRIM_THRESHOLD = 4 << 20, 256 << 20
 
 
 def _load_or_exit(path: str | None) -> config.Config:
