@@ -33,6 +33,7 @@ import platform
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -319,12 +320,54 @@ def ratios(results: list[Result]) -> None:
     ratio("SQLite, 1 rep.: credit key vs unlimited key", ("SQLite", 1), ("SQLite, unlimited", 1))
 
 
+def credit_cost(args: argparse.Namespace) -> None:
+    """The credit path's CPU over an unmetered request, measured side by side: the replicas of each
+    configuration run at once and take turns, `args.blocks` short blocks each, alternating; the
+    median CPU ms a request per configuration (this machine's speed drifts between long rows)."""
+    configs = [("auth off", "sqlite", False), ("SQLite, credit", "sqlite", True)]
+    if not args.no_pg and pg_reachable():
+        configs.append(("PostgreSQL, credit", "postgresql", True))
+    procs: list[subprocess.Popen[bytes]] = []
+    dirs, live, pg_name = [], [], f"imagegate_bench_{os.getpid()}_blocks"
+    try:
+        for label, db, credit in configs:
+            dirs.append(Path(tempfile.mkdtemp(prefix="imagegate-credit-")))
+            if db == "postgresql":
+                asyncio.run(pg_ddl(f"CREATE DATABASE {pg_name}"))
+            url = f"{PG_SERVER}/{pg_name}" if db == "postgresql" else f"sqlite:///{dirs[-1] / 'state.db'}"
+            cfg_path = write_config(dirs[-1], url, credit)
+            key = create_key(cfg_path, True)[1] if credit else None
+            live.append((label, start_replica(cfg_path, dirs[-1] / "replica.log", procs), procs[-1].pid, key))
+        cpu: dict[str, list[float]] = {label: [] for label, *_ in configs}
+        for _ in range(args.blocks):
+            for label, url, pid, key in live:
+                tally = asyncio.run(load([url], [pid], key, args.concurrency, 0.5, args.block_s))
+                cpu[label].append(1000 * tally.cpu_s[0] / max(1, tally.ok))
+    finally:
+        stop(procs)
+        for path in dirs:
+            shutil.rmtree(path, ignore_errors=True)
+        if len(configs) > 2:
+            asyncio.run(pg_ddl(f"DROP DATABASE IF EXISTS {pg_name} WITH (FORCE)"))
+    base = statistics.median(cpu["auth off"])
+    print(f"\ncredit path, side by side: {args.blocks} alternating blocks of {args.block_s:g} s per configuration at "
+          f"concurrency {args.concurrency}; median gateway CPU ms a request (blocks: min-max)")
+    for label, values in cpu.items():
+        median, extra = statistics.median(values), ""
+        if label != "auth off":
+            verdict = "met" if median - base <= 2 else "MISSED"
+            extra = f"  +{median - base:.2f} ms over auth off (target <= 2: {verdict})"
+        print(f"  {label:<20} {median:6.2f}  ({min(values):.2f}-{max(values):.2f}){extra}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--concurrency", type=int, default=32, help="requests in flight (default 32)")
     parser.add_argument("--duration", type=float, default=10, help="timed seconds per configuration (default 10)")
     parser.add_argument("--warmup", type=float, default=1, help="untimed seconds first (default 1)")
     parser.add_argument("--no-pg", action="store_true", help="skip the PostgreSQL configurations")
+    parser.add_argument("--blocks", type=int, default=5, help="alternating blocks per configuration (default 5)")
+    parser.add_argument("--block-s", type=float, default=3, help="seconds per block (default 3)")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the `finally`s on SIGTERM too
     results = []
@@ -340,6 +383,7 @@ def main() -> None:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     report(results, args)
+    credit_cost(args)
 
 
 if __name__ == "__main__":

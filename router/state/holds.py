@@ -15,7 +15,7 @@ import time
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from . import keys
+from . import keys, statements
 from .keygen import new_key_id
 from .records import InsufficientCredit, KeyRevoked, StateError
 from .schema import api_keys, holds, ledger
@@ -51,19 +51,18 @@ async def take(conn: AsyncConnection, key_id: str, micros: int, reference: str |
     if isinstance(micros, bool) or not isinstance(micros, int) or micros < 0:
         raise StateError("a hold must be a whole number of micro-dollars, zero or more")
     hold_id, now = new_hold_id(), time.time()
-    taken = await conn.execute(_TAKE, {"key": key_id, "micros": micros})
-    if taken.rowcount != 1:
+    if await statements.write(conn, _TAKE, {"key": key_id, "micros": micros}) != 1:
         key = await keys.get(conn, key_id)  # KeyNotFound when that is the reason
         if key.revoked:
             raise KeyRevoked(key_id)
         if key.balance_micros is None:
             raise StateError(f"API key '{key_id}' is unlimited (it keeps no balance)")
         raise InsufficientCredit(key_id, micros)
-    await conn.execute(_POST_HOLD, {"key_id": key_id, "at": now, "kind": "hold", "amount_micros": -micros,
-                                    "reference": hold_id})
-    await conn.execute(_NEW_HOLD, {"id": hold_id, "key_id": key_id, "amount_micros": micros,
-                                   "captured_micros": None, "status": "held", "reference": reference,
-                                   "created_at": now})
+    await statements.write(conn, _POST_HOLD, {"key_id": key_id, "at": now, "kind": "hold",
+                                              "amount_micros": -micros, "reference": hold_id})
+    await statements.write(conn, _NEW_HOLD, {"id": hold_id, "key_id": key_id, "amount_micros": micros,
+                                             "captured_micros": None, "status": "held", "reference": reference,
+                                             "created_at": now})
     return hold_id
 
 
@@ -73,24 +72,24 @@ async def settle(conn: AsyncConnection, hold_id: str, captured_micros: int) -> b
 
     One UPDATE … RETURNING both flips the hold (only if still `held`) and reads what it was:
     a round trip fewer than reading first, and the flip stays the one thing that decides."""
-    flipped = (await conn.execute(_FLIP, {"hold": hold_id, "asked": max(0, int(captured_micros))})).first()
+    flipped = await statements.write_returning(conn, _FLIP, {"hold": hold_id, "asked": max(0, int(captured_micros))})
     if flipped is None:
         if (await conn.execute(sa.select(holds.c.id).where(holds.c.id == hold_id))).first() is None:
             raise StateError(f"hold '{hold_id}' not found")
         return False  # settled already (maybe by another replica's sweep)
-    captured, now = flipped.captured_micros, time.time()
-    remainder = flipped.amount_micros - captured
+    key_id, amount, captured = flipped
+    remainder, now = amount - captured, time.time()
     rows = []  # both ledger rows in one INSERT: a statement less on every request
     if captured:
-        rows.append({"key_id": flipped.key_id, "at": now, "kind": "capture", "amount_micros": 0,
+        rows.append({"key_id": key_id, "at": now, "kind": "capture", "amount_micros": 0,
                      "reference": f"{hold_id} captured={captured}"})
     if remainder:
-        if (await conn.execute(_GIVE_BACK, {"key": flipped.key_id, "micros": remainder})).rowcount != 1:
-            raise StateError(f"API key '{flipped.key_id}' of hold '{hold_id}' keeps no balance")
-        rows.append({"key_id": flipped.key_id, "at": now, "kind": "release", "amount_micros": remainder,
+        if await statements.write(conn, _GIVE_BACK, {"key": key_id, "micros": remainder}) != 1:
+            raise StateError(f"API key '{key_id}' of hold '{hold_id}' keeps no balance")
+        rows.append({"key_id": key_id, "at": now, "kind": "release", "amount_micros": remainder,
                      "reference": hold_id})
     if rows:
-        await conn.execute(ledger.insert().values(rows))
+        await statements.insert_many(conn, _POST_HOLD, rows)
     return True
 
 
