@@ -24,20 +24,6 @@ class Base64Text:
     def __init__(self, data: Piece) -> None:
         self.data = data
 
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, Base64Text):
-            return self.data == other.data
-        return isinstance(other, str) and self.data == other.encode("ascii")
-
-    __hash__ = None  # type: ignore[assignment]
-
-    def text(self) -> str:
-        """As a str (a copy): for the few places that must have one."""
-        return bytes(self.data).decode("ascii")
-
 
 def json_parts(content: Any) -> list[Piece]:
     """`content` as JSON: orjson's output cut where each Base64Text goes, the base64 between."""

@@ -25,25 +25,32 @@ def _one_hop(conn: AsyncConnection) -> bool:
     return conn.dialect.name == "sqlite" and not options.get("schema_translate_map")
 
 
-async def _run(conn: AsyncConnection, statement: UpdateBase,
-               params: dict[str, Any]) -> tuple[Any, str, tuple[Any, ...]]:
-    """The aiosqlite connection under `conn`, and the statement's SQL and positional arguments.
-    `statement` must live as long as the process (a module constant): it is cached by identity."""
-    key = (id(statement), tuple(sorted(params)))
+def _compiled(conn: AsyncConnection, statement: UpdateBase, names: list[str]) -> Any:
+    """`statement` compiled for SQLite with these parameters, once. `statement` must live as long as
+    the process (a module constant): it is cached by identity."""
+    key = (id(statement), tuple(sorted(names)))
     compiled = _COMPILED.get(key)
     if compiled is None:
         compiled = _COMPILED[key] = statement.compile(dialect=conn.dialect, column_keys=list(key[1]))
+    return compiled
+
+
+def _args(compiled: Any, params: dict[str, Any]) -> tuple[Any, ...]:
     values = compiled.construct_params(params)
-    args = tuple(values[name] for name in compiled.positiontup or ())
-    return (await conn.get_raw_connection()).driver_connection, str(compiled), args
+    return tuple(values[name] for name in compiled.positiontup or ())
+
+
+async def _driver(conn: AsyncConnection) -> Any:
+    """The aiosqlite connection under `conn` (its transaction is the same)."""
+    return (await conn.get_raw_connection()).driver_connection
 
 
 async def write(conn: AsyncConnection, statement: UpdateBase, params: dict[str, Any]) -> int:
     """Run an INSERT, UPDATE or DELETE; the rows it changed."""
     if not _one_hop(conn):
         return int((await conn.execute(statement, params)).rowcount)
-    driver, sql, args = await _run(conn, statement, params)
-    return int((await driver.execute(sql, args)).rowcount)
+    compiled = _compiled(conn, statement, list(params))
+    return int((await (await _driver(conn)).execute(str(compiled), _args(compiled, params))).rowcount)
 
 
 async def write_returning(conn: AsyncConnection, statement: UpdateBase,
@@ -51,8 +58,8 @@ async def write_returning(conn: AsyncConnection, statement: UpdateBase,
     """Run an UPDATE … RETURNING; its first row (columns in RETURNING's order), or None."""
     if not _one_hop(conn):
         return (await conn.execute(statement, params)).first()
-    driver, sql, args = await _run(conn, statement, params)
-    return next(iter(await driver.execute_fetchall(sql, args)), None)
+    compiled = _compiled(conn, statement, list(params))
+    return next(iter(await (await _driver(conn)).execute_fetchall(str(compiled), _args(compiled, params))), None)
 
 
 async def insert_many(conn: AsyncConnection, statement: Insert, rows: list[dict[str, Any]]) -> None:
@@ -60,7 +67,5 @@ async def insert_many(conn: AsyncConnection, statement: Insert, rows: list[dict[
     if not _one_hop(conn):
         await conn.execute(statement, rows)
         return
-    driver, sql, _ = await _run(conn, statement, rows[0])
-    compiled = _COMPILED[(id(statement), tuple(sorted(rows[0])))]
-    await driver.executemany(sql, [tuple(compiled.construct_params(row)[name] for name in compiled.positiontup)
-                                   for row in rows])
+    compiled = _compiled(conn, statement, list(rows[0]))
+    await (await _driver(conn)).executemany(str(compiled), [_args(compiled, row) for row in rows])
