@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from openai import OpenAI
+
+from imagegate.router.pipeline import accounts
+from imagegate.router.state import open_store
 
 from tests.conftest import StartGateway, base_config, expect_error
 
@@ -83,3 +87,27 @@ def test_key_without_model_list_may_use_every_model(gw: Any) -> None:
 def test_auth_off_by_default_takes_any_key(tmp_path: Path, start_gateway: StartGateway) -> None:
     gw = start_gateway(base_config(tmp_path))
     assert generate(client(gw, "anything")).data[0].b64_json
+
+
+def test_a_key_revoked_elsewhere_is_refused_by_its_hold_while_still_trusted(gw: Any, tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The gateway trusts a key it found for a second without asking the store; a key with credits
+    revoked meanwhile elsewhere (the CLI, another replica) is refused by its hold, and pays nothing."""
+    monkeypatch.setattr(accounts, "KEY_FRESH_S", 3600.0)  # the key stays trusted however slow this machine is
+    key = make_key(gw, credits="5")
+    sdk = client(gw, key["key"])
+    assert generate(sdk).data[0].b64_json  # found, and trusted from now on
+
+    async def revoke_elsewhere() -> int | None:
+        store = await open_store(f"sqlite:///{tmp_path / 'state.db'}")
+        try:
+            await store.revoke(key["id"])
+            return await store.balance(key["id"])
+        finally:
+            await store.close()
+
+    balance = asyncio.run(revoke_elsewhere())
+    err = expect_error(lambda: generate(sdk), 401)
+    assert err.response.json()["error"]["message"] == "this API key has been revoked"
+    listed = gw.http.get("/admin/keys", headers={"authorization": f"Bearer {ADMIN}"}).json()["data"]
+    assert [k["balance_micros"] for k in listed if k["id"] == key["id"]] == [balance]  # nothing held or charged
