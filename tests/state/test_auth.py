@@ -12,7 +12,6 @@ from openai import OpenAI
 
 from imagegate.router.pipeline import accounts
 from imagegate.router.state import open_store
-
 from tests.conftest import StartGateway, base_config, expect_error
 
 ADMIN = "admin-secret-for-tests"
