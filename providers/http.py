@@ -239,18 +239,8 @@ async def read_buffer(resp: httpx.Response, max_bytes: int) -> bytearray:
 
 
 async def read_capped(resp: httpx.Response, max_bytes: int) -> bytes:
-    """The body, refused early by Content-Length and then counted, so a lying header cannot pass."""
-    declared = resp.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > max_bytes:
-        raise TooLarge
-    chunks: list[bytes] = []
-    total = 0
-    async for chunk in resp.aiter_bytes():
-        total += len(chunk)
-        if total > max_bytes:
-            raise TooLarge
-        chunks.append(chunk)
-    return b"".join(chunks)
+    """`read_buffer` as immutable bytes (downloads and input URLs: images kept as bytes)."""
+    return bytes(await read_buffer(resp, max_bytes))
 
 
 def base_host(base_url: str) -> str:

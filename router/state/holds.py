@@ -25,7 +25,7 @@ _TAKE = (api_keys.update()
          .where(api_keys.c.id == sa.bindparam("key"), api_keys.c.balance_micros.is_not(None),
                 api_keys.c.balance_micros >= sa.bindparam("micros"), api_keys.c.revoked_at.is_(None))
          .values(balance_micros=api_keys.c.balance_micros - sa.bindparam("micros")))
-_POST_HOLD = ledger.insert()
+_POST_LEDGER = ledger.insert()
 _NEW_HOLD = holds.insert()
 _FLIP = (holds.update()
          .where(holds.c.id == sa.bindparam("hold"), holds.c.status == "held")
@@ -58,7 +58,7 @@ async def take(conn: AsyncConnection, key_id: str, micros: int, reference: str |
         if key.balance_micros is None:
             raise StateError(f"API key '{key_id}' is unlimited (it keeps no balance)")
         raise InsufficientCredit(key_id, micros)
-    await statements.write(conn, _POST_HOLD, {"key_id": key_id, "at": now, "kind": "hold",
+    await statements.write(conn, _POST_LEDGER, {"key_id": key_id, "at": now, "kind": "hold",
                                               "amount_micros": -micros, "reference": hold_id})
     await statements.write(conn, _NEW_HOLD, {"id": hold_id, "key_id": key_id, "amount_micros": micros,
                                              "captured_micros": None, "status": "held", "reference": reference,
@@ -89,7 +89,7 @@ async def settle(conn: AsyncConnection, hold_id: str, captured_micros: int) -> b
         rows.append({"key_id": key_id, "at": now, "kind": "release", "amount_micros": remainder,
                      "reference": hold_id})
     if rows:
-        await statements.insert_many(conn, _POST_HOLD, rows)
+        await statements.insert_many(conn, _POST_LEDGER, rows)
     return True
 
 

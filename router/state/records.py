@@ -36,9 +36,10 @@ class InsufficientCredit(StateError):
 
 
 @dataclass(frozen=True, slots=True)
-class Admission:
+class AdmitOutcome:
     """What one request's admission took, in one transaction: its slot and hold, or why it was
-    refused (`rate`: wait `wait_s`; `concurrency`; `credit`), having taken nothing but the count."""
+    refused (`rate`: wait `wait_s`; `concurrency`; `credit`; `revoked`), having taken nothing but
+    the count."""
 
     refused: Literal["rate", "concurrency", "credit", "revoked"] | None = None
     wait_s: int | None = None

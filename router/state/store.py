@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from . import holds, keys, limits, preferences, replays, tasks, webhooks
 from .keygen import new_webhook_secret
 from .records import (
-    Admission,
+    AdmitOutcome,
     DeliveryRecord,
     InsufficientCredit,
     KeyRecord,
@@ -141,17 +141,17 @@ class Store:
     # -- one request's admission and settlement: a round trip each
 
     async def admit(self, key_id: str, *, rpm: int | None, concurrency: int | None, slot_ttl_s: float,
-                    hold_micros: int | None, reference: str | None) -> Admission:
+                    hold_micros: int | None, reference: str | None) -> AdmitOutcome:
         """Rate limit, concurrency slot and credit hold of one request, in one transaction. A
         refusal takes nothing (the rate count stays: the request was made)."""
         async with self.engine.begin() as conn:
             if rpm is not None and (wait_s := await limits.count_in(conn, key_id, rpm)) is not None:
-                return Admission("rate", wait_s=wait_s)
+                return AdmitOutcome("rate", wait_s=wait_s)
             slot_id = None
             if concurrency is not None:
                 slot_id = await limits.acquire_slot(conn, key_id, concurrency, slot_ttl_s)
                 if slot_id is None:
-                    return Admission("concurrency")
+                    return AdmitOutcome("concurrency")
             hold_id = None
             if hold_micros is not None:
                 try:
@@ -159,8 +159,8 @@ class Store:
                 except (InsufficientCredit, KeyRevoked) as refused:
                     if slot_id is not None:
                         await limits.release_slot(conn, slot_id)
-                    return Admission("credit" if isinstance(refused, InsufficientCredit) else "revoked")
-            return Admission(slot_id=slot_id, hold_id=hold_id)
+                    return AdmitOutcome("credit" if isinstance(refused, InsufficientCredit) else "revoked")
+            return AdmitOutcome(slot_id=slot_id, hold_id=hold_id)
 
     async def settle_request(self, hold_id: str | None, captured_micros: int, slot_id: str | None) -> bool:
         """`settle` the hold (if any) and free the slot (if any), in one transaction."""
