@@ -13,6 +13,7 @@ import orjson
 import pytest
 
 from imagegate.providers.http import parse_images_answer
+from imagegate.router.artifacts.local import write_through
 from imagegate.router.pipeline.json_parts import Base64Text, json_bytes, json_parts
 from tests.conftest import Gateway, StartGateway, base_config
 from tests.fakes.openai_upstream import FakeOpenAI, noise_png
@@ -95,3 +96,21 @@ def test_json_parts_write_base64_between_the_pieces_unchanged() -> None:
     assert orjson.loads(json_bytes(content)) == {"data": [{"b64_json": "QUJD", "seed": 1}, {"b64_json": "RA=="}],
                                                  "note": "Base64Text is not a marker"}
     assert json_parts({"a": 1}) == [b'{"a":1}']
+
+
+def test_the_kept_artifact_is_the_upstreams_image_on_disk(tmp_path: Path, gateway: Gateway, noisy: FakeOpenAI) -> None:
+    # Artifacts are written through the page cache (local.write_through): the file must still hold
+    # the exact bytes, and the artifact's URL must serve them.
+    item = _generate(gateway, n=1).json()["data"][0]
+    blob = tmp_path / "artifacts" / f"{item['artifact_id']}.bin"
+    assert blob.read_bytes() == noise_png(SIZE, SIZE)
+    url = gateway.http.post("/v1/images/generations", json={"model": "remote", "prompt": "p", "size": f"{SIZE}x{SIZE}",
+                                                            "response_format": "url"}).json()["data"][0]["url"]
+    assert gateway.http.get(url).content == noise_png(SIZE, SIZE)
+
+
+def test_write_through_leaves_the_bytes_and_replaces_a_file(tmp_path: Path) -> None:
+    path = tmp_path / "x.bin"
+    path.write_bytes(b"older and longer contents")
+    write_through(path, b"new")
+    assert path.read_bytes() == b"new"
