@@ -11,13 +11,15 @@ idle RSS per in-flight image.
 Printed: requests/s, p50/p99 latency, CPU ms per request of the upstream and the gateway, peak
 RSS; then the issue's targets on this machine: gateway >= 0.35x direct at c=32, <= 3 ms added p50
 at c=1, <= 3 ms gateway CPU per image, peak RSS <= 3x the base64 size per in-flight image.
-Two gateways of this build run side by side: `gateway` as configured by default (every b64_json
-answer also kept as an artifact) and `nokeep` (`artifacts.keep_b64_answers: false`). `--before
+Three gateways of this build run side by side: `gateway` as configured by default (every b64_json
+answer also kept as an artifact), `nokeep` (`artifacts.keep_b64_answers: false`) and `workers`
+(the default with `serve --workers auto`: CPU and RSS summed over its processes; no memory cells,
+which are per process). `--before
 EXE` adds a third, another build's `imagegate` executable, on the same upstream and load.
 `--profile gateway|nokeep|before` samples that one with py-spy during its c=32 cell and prints
 where its time went.
 
-Run from the repository root (Linux, about two minutes):  .venv/bin/python bench/gateway_overhead.py
+Run from the repository root (Linux, about four minutes):  .venv/bin/python bench/gateway_overhead.py
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ from PIL import Image
 from bench import profile
 from bench.load_httpx import Job, run_httpx
 from bench.load_wrk import ensure_wrk, run_wrk
-from bench.procs import HOST, child_setup, cpu_seconds, free_port, reset_peak_rss, status_mb
+from bench.procs import HOST, child_setup, cpu_seconds, family, free_port, reset_peak_rss, status_mb
 
 KEY, MODEL, SIDE = "sk-bench-upstream-key", "bench", 1024
 TARGET_B64 = 1_600_000  # "a 1024x1024 PNG, 1.6 MB of base64"
@@ -110,9 +112,19 @@ def upstream_main(port: int, png: bytes) -> None:
                 lifespan="off")
 
 
+@dataclass(frozen=True)
+class Build:
+    """A gateway to run: its label, the `imagegate` command, its `artifacts:` options, serve flags."""
+
+    label: str
+    exe: list[str]
+    artifacts: dict[str, Any]
+    flags: tuple[str, ...] = ()
+
+
 @dataclass
 class Server:
-    label: str  # direct | gateway | before
+    label: str  # direct | gateway | nokeep | workers | before
     url: str  # where POST /v1/images/generations goes
     pid: int
     idle_rss_mb: float = math.nan
@@ -131,20 +143,42 @@ def wait_healthy(url: str, proc: subprocess.Popen[bytes] | BaseProcess, timeout:
     raise RuntimeError(f"{url} did not start")
 
 
-def start_gateway(tmp: Path, label: str, exe: list[str], upstream_url: str,
-                  artifacts: dict[str, Any]) -> tuple[subprocess.Popen[bytes], Server]:
+def start_gateway(tmp: Path, build: Build, upstream_url: str) -> tuple[subprocess.Popen[bytes], Server]:
     port = free_port()
-    home = Path(tempfile.mkdtemp(prefix=label + "-", dir=tmp))
-    cfg = {"server": {"host": HOST}, "artifacts": {"dir": str(home / "artifacts"), **artifacts},
+    home = Path(tempfile.mkdtemp(prefix=build.label + "-", dir=tmp))
+    cfg = {"server": {"host": HOST}, "artifacts": {"dir": str(home / "artifacts"), **build.artifacts},
            "state": {"url": f"sqlite:///{home / 'state.db'}"},
            "providers": {"up": {"type": "openai", "base_url": upstream_url, "api_key": KEY}},
            "models": {MODEL: {"routes": [{"provider": "up", "model": "upstream-model"}]}}, "default_model": MODEL}
     (home / "bench.yaml").write_text(yaml.safe_dump(cfg))
-    cmd = [*exe, "serve", "--config", str(home / "bench.yaml"), "--port", str(port), "--log-level", "warning"]
+    cmd = [*build.exe, "serve", "--config", str(home / "bench.yaml"), "--port", str(port), "--log-level", "warning",
+           *build.flags]
     proc = subprocess.Popen(cmd, cwd=home, preexec_fn=child_setup)
     url = f"http://{HOST}:{port}"
     wait_healthy(f"{url}/healthz", proc)
-    return proc, Server(label, f"{url}/v1/images/generations", proc.pid, status_mb(proc.pid, "VmRSS"))
+    if "--workers" in build.flags:  # the first worker answers while the others still start
+        wait_workers(proc, len(os.sched_getaffinity(0)), home / "state.db")
+    return proc, Server(build.label, f"{url}/v1/images/generations", proc.pid, status_mb(proc.pid, "VmRSS"))
+
+
+def wait_workers(proc: subprocess.Popen[bytes], workers: int, state: Path, timeout: float = 60.0) -> None:
+    """Until `workers` processes below the master have started their app: each has the state
+    database open then."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError("the gateway exited while its workers started")
+        if sum(_has_open(pid, state) for pid in family(proc.pid)[1:]) >= workers:
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"{workers} workers did not start")
+
+
+def _has_open(pid: int, path: Path) -> bool:
+    try:
+        return any(os.readlink(fd) == str(path) for fd in Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:  # the process or one of its descriptors went away meanwhile
+        return False
 
 
 @dataclass
@@ -248,15 +282,14 @@ def options() -> argparse.Namespace:
     return ap.parse_args()
 
 
-def memory_cell(tmp: Path, build: tuple[str, list[str], dict[str, Any]], port: int, pids: dict[str, int],
+def memory_cell(tmp: Path, build: Build, port: int, pids: dict[str, int],
                 cell: tuple[int, int], load: str, args: argparse.Namespace, png: bytes) -> Cell:
     """A memory cell on a gateway started for it: its peak RSS (warm-up included) above its idle
     RSS after start, with nothing kept from other cells' load."""
-    label, cmd, artifacts = build
-    proc, server = start_gateway(tmp, label, cmd, f"http://{HOST}:{port}/v1", artifacts)
+    proc, server = start_gateway(tmp, build, f"http://{HOST}:{port}/v1")
     try:
         flight, n = cell
-        measured = measure(load, server, {**pids, label: server.pid}, flight, n, args, n * b64_size(png),
+        measured = measure(load, server, {**pids, build.label: server.pid}, flight, n, args, n * b64_size(png),
                            reset_peak=False)
         measured.idle_rss_mb = server.idle_rss_mb
         return measured
@@ -276,11 +309,12 @@ def main() -> None:
     args.tmp, args.profiles = tmp, []
     exe = Path(sys.executable).parent / "imagegate"
     this = [str(exe)] if exe.exists() else [sys.executable, "-m", "imagegate"]
-    # As configured by default (every answer kept as an artifact), and with b64_json answers only passed through.
-    builds: list[tuple[str, list[str], dict[str, Any]]] = [("gateway", this, {}),
-                                                           ("nokeep", this, {"keep_b64_answers": False})]
+    # As configured by default (every answer kept as an artifact), with b64_json answers only passed
+    # through, and as configured by default on every core.
+    builds = [Build("gateway", this, {}), Build("nokeep", this, {"keep_b64_answers": False}),
+              Build("workers", this, {}, ("--workers", "auto"))]
     if args.before:
-        builds.append(("before", [args.before], {}))
+        builds.append(Build("before", [args.before], {}))
     procs: list[subprocess.Popen[bytes] | BaseProcess] = []
     try:
         port = free_port()
@@ -290,15 +324,16 @@ def main() -> None:
         wait_healthy(f"http://{HOST}:{port}/", upstream)
         assert upstream.pid is not None
         servers = [Server("direct", f"http://{HOST}:{port}/v1/images/generations", upstream.pid)]
-        for label, cmd, artifacts in builds:
-            proc, server = start_gateway(tmp, label, cmd, f"http://{HOST}:{port}/v1", artifacts)
+        for build in builds:
+            proc, server = start_gateway(tmp, build, f"http://{HOST}:{port}/v1")
             procs.append(proc)
             servers.append(server)
         pids = {s.label: s.pid for s in servers}
         cells = [measure(load, s, pids, c, 1, args, b64_size(png)) for c in (1, 32) for s in servers]
         if not args.no_memory:
+            # Per process: with workers each holds what its own requests hold.
             cells += [memory_cell(tmp, build, port, pids, cell, load, args, png) for cell in MEMORY_CELLS
-                      for build in builds]
+                      for build in builds if not build.flags]
         report(cells, png, servers, load, args)
         for path in args.profiles:
             profile.summary(path)

@@ -33,6 +33,7 @@ def _load_or_exit(path: str | None) -> config.Config:
 def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
+    from . import supervisor
     from .app import create_app
 
     cfg = _load_or_exit(args.config)
@@ -47,7 +48,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if args.workers > 1:
         _multiprocess_metrics()
         os.environ["IMAGEGATE_CONFIG"] = str(Path(args.config).resolve()) if args.config else ""
-        uvicorn.run("imagegate.router.app:app_from_env", factory=True, workers=args.workers, **options)
+        supervisor.run("imagegate.router.app:app_from_env", args.workers, options)
     else:
         uvicorn.run(create_app(cfg), **options)
 

@@ -94,7 +94,7 @@ class Metrics:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
     @staticmethod
-    def process_exit() -> None:
-        """Drop this process's live gauges from the sums (its counters stay counted)."""
+    def process_exit(pid: int | None = None) -> None:
+        """Drop this process's (or worker `pid`'s) live gauges from the sums; its counters stay counted."""
         if multiprocess():
-            mark_process_dead(os.getpid())
+            mark_process_dead(os.getpid() if pid is None else pid)

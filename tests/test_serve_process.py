@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import http.client
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -173,3 +175,72 @@ def test_workers_with_a_local_gpu_backend_are_refused(tmp_path: Path) -> None:
     bad = subprocess.run([sys.executable, "-m", "imagegate", "serve", "--workers", "many"], cwd=ROOT,
                          capture_output=True, text=True, timeout=60, check=False)
     assert bad.returncode == 2 and "auto" in bad.stderr
+
+
+def _listening_workers(gw: ServeProcess) -> list[psutil.Process]:
+    """The worker processes that listen on the gateway's port (each on its own socket)."""
+    found = []
+    for child in psutil.Process(gw.proc.pid).children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if any(c.status == psutil.CONN_LISTEN and c.laddr.port == gw.port for c in child.net_connections("tcp")):
+                found.append(child)
+    return found
+
+
+def test_connections_opened_at_once_are_spread_over_the_workers(serve: Any) -> None:
+    # A shared listening socket let the first worker to wake take a whole burst of keep-alive
+    # connections (router/supervisor.py). With a socket per worker the kernel spreads them by
+    # address: 32 connections all on one of two workers has a chance of 2**-31.
+    gw = serve(workers=2)
+    wait_until(lambda: len(_listening_workers(gw)) == 2, "both workers to listen")
+    connections = [http.client.HTTPConnection("127.0.0.1", gw.port, timeout=10) for _ in range(32)]
+    try:
+        for conn in connections:
+            conn.connect()
+        for conn in connections:  # each answered, and kept open (HTTP/1.1 keep-alive)
+            conn.request("GET", "/healthz")
+            assert conn.getresponse().read() and conn.sock is not None
+        ours = {conn.sock.getsockname()[1] for conn in connections if conn.sock is not None}
+        held = [{c.raddr.port for c in worker.net_connections("tcp") if c.raddr and c.raddr.port in ours}
+                for worker in _listening_workers(gw)]
+    finally:
+        for conn in connections:
+            conn.close()
+    assert all(held) and set().union(*held) == ours, [len(each) for each in held]
+
+
+def test_a_worker_that_dies_is_replaced_and_sigterm_stops_them_all(serve: Any) -> None:
+    gw = serve(workers=2)
+    wait_until(lambda: len(_listening_workers(gw)) == 2, "both workers to listen")
+    victim = _listening_workers(gw)[0]
+    victim.kill()
+    wait_until(lambda: len(_listening_workers(gw)) == 2 and victim.pid not in {p.pid for p in _listening_workers(gw)},
+               "a new worker in its place")
+    assert gw.generate().status_code == 200
+    children = psutil.Process(gw.proc.pid).children(recursive=True)
+    gw.proc.send_signal(signal.SIGTERM)
+    assert gw.proc.wait(timeout=20) in EXITED_ON_SIGTERM
+    # Workers are joined before the supervisor exits; multiprocessing's resource tracker follows it
+    # once the supervisor's end of its pipe closes.
+    wait_until(lambda: not [child for child in children if _alive(child)], "every child process to exit")
+
+
+def _alive(process: psutil.Process) -> bool:
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_workers_on_a_port_in_use_fail_at_once(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.yaml"
+    models = {"demo": {"price_per_mp": 0, "routes": [{"provider": "demo", "model": "demo"}]}}
+    path.write_text(yaml.safe_dump({"artifacts": {"dir": str(tmp_path / "artifacts")},
+                                    "providers": {"demo": {"type": "demo"}}, "models": models}))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        run = subprocess.run([sys.executable, "-m", "imagegate", "serve", "--config", str(path), "--port",
+                              str(taken.getsockname()[1]), "--workers", "2"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+    assert run.returncode != 0 and "cannot listen" in run.stderr and "Traceback" not in run.stderr
