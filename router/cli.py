@@ -7,6 +7,7 @@ import asyncio
 import ctypes
 import logging
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -46,9 +47,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
     options: dict[str, Any] = {"host": host, "port": port, "log_level": args.log_level, "access_log": False,
                                "timeout_graceful_shutdown": cfg.server.shutdown_grace_s + 1}
     if args.workers > 1:
-        _multiprocess_metrics()
+        made = _multiprocess_metrics()
         os.environ["IMAGEGATE_CONFIG"] = str(Path(args.config).resolve()) if args.config else ""
-        supervisor.run("imagegate.router.app:app_from_env", args.workers, options)
+        try:
+            supervisor.run("imagegate.router.app:app_from_env", args.workers, options)
+        finally:
+            if made is not None:  # a directory of our own: nothing else reads it once the workers stop
+                shutil.rmtree(made, ignore_errors=True)
     else:
         uvicorn.run(create_app(cfg), **options)
 
@@ -93,14 +98,17 @@ def _worker_count(asked: int | str, cfg: config.Config) -> int:
     return int(asked)
 
 
-def _multiprocess_metrics() -> None:
-    """Worker processes share counters through files (prometheus-client's multiprocess mode)."""
+def _multiprocess_metrics() -> str | None:
+    """Worker processes share counters through files (prometheus-client's multiprocess mode). The
+    directory is PROMETHEUS_MULTIPROC_DIR, else a temporary one, made here and returned."""
     from .metrics import MULTIPROCESS_ENV
 
-    directory = os.environ.get(MULTIPROCESS_ENV) or tempfile.mkdtemp(prefix="imagegate-metrics-")
+    made = None if os.environ.get(MULTIPROCESS_ENV) else tempfile.mkdtemp(prefix="imagegate-metrics-")
+    directory = made or os.environ[MULTIPROCESS_ENV]
     os.environ[MULTIPROCESS_ENV] = directory
     for stale in Path(directory).glob("*.db"):  # left by an earlier run: their counts are not ours
         stale.unlink()
+    return made
 
 
 def cmd_worker(args: argparse.Namespace) -> None:

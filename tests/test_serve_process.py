@@ -6,6 +6,7 @@ of a fake OpenAI upstream served from this test process.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import contextlib
 import http.client
@@ -25,6 +26,7 @@ import psutil
 import pytest
 import yaml
 
+from imagegate.router import supervisor
 from tests.conftest import UPSTREAM_KEY, free_port, wait_until_healthy
 from tests.fakes.openai_upstream import FakeOpenAI
 
@@ -237,10 +239,35 @@ def test_workers_on_a_port_in_use_fail_at_once(tmp_path: Path) -> None:
     models = {"demo": {"price_per_mp": 0, "routes": [{"provider": "demo", "model": "demo"}]}}
     path.write_text(yaml.safe_dump({"artifacts": {"dir": str(tmp_path / "artifacts")},
                                     "providers": {"demo": {"type": "demo"}}, "models": models}))
+    scratch = tmp_path / "tmp"  # where the CLI makes the workers' metrics directory, and removes it
+    scratch.mkdir()
+    env = {**{k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}, "TMPDIR": str(scratch)}
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         run = subprocess.run([sys.executable, "-m", "imagegate", "serve", "--config", str(path), "--port",
                               str(taken.getsockname()[1]), "--workers", "2"],
-                             cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False)
     assert run.returncode != 0 and "cannot listen" in run.stderr and "Traceback" not in run.stderr
+    assert not list(scratch.iterdir())
+
+
+def test_a_workers_socket_gives_connections_tcp_nodelay() -> None:
+    # Each worker's own listening socket (router/supervisor.py): its connections must get
+    # TCP_NODELAY from asyncio as uvicorn's do, or a small answer waits for a delayed ACK.
+    async def main() -> int:
+        accepted: asyncio.Queue[int] = asyncio.Queue()
+
+        def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            accepted.put_nowait(writer.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            writer.close()
+
+        listener = supervisor._reuse_port_socket("127.0.0.1", 0)
+        server = await asyncio.start_server(on_connect, sock=listener)
+        async with server:
+            _, writer = await asyncio.open_connection("127.0.0.1", listener.getsockname()[1])
+            nodelay = await asyncio.wait_for(accepted.get(), 10)
+            writer.close()
+        return nodelay
+
+    assert asyncio.run(main()) == 1
