@@ -13,7 +13,7 @@ import orjson
 import pytest
 
 from imagegate.providers.http import parse_images_answer
-from imagegate.router.artifacts.local import write_through
+from imagegate.router.artifacts.local import THROUGH_FROM_BYTES, write_through
 from imagegate.router.pipeline.json_parts import Base64Text, json_bytes, json_parts
 from tests.conftest import Gateway, StartGateway, base_config
 from tests.fakes.openai_upstream import FakeOpenAI, noise_png
@@ -109,8 +109,10 @@ def test_the_kept_artifact_is_the_upstreams_image_on_disk(tmp_path: Path, gatewa
     assert gateway.http.get(url).content == noise_png(SIZE, SIZE)
 
 
-def test_write_through_leaves_the_bytes_and_replaces_a_file(tmp_path: Path) -> None:
+@pytest.mark.parametrize("size", [3, THROUGH_FROM_BYTES])  # written plainly; synced and dropped from the cache
+def test_write_through_leaves_the_bytes_and_replaces_a_file(tmp_path: Path, size: int) -> None:
     path = tmp_path / "x.bin"
-    path.write_bytes(b"older and longer contents")
-    write_through(path, b"new")
-    assert path.read_bytes() == b"new"
+    path.write_bytes(b"older and longer contents" * 20_000)
+    data = bytes(range(256)) * (size // 256) + b"new"[: size % 256]
+    write_through(path, data)
+    assert path.read_bytes() == data
