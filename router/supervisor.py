@@ -102,7 +102,7 @@ def _worker(app: str, options: dict[str, Any]) -> None:
 
 def _stop(processes: list[BaseProcess], grace_s: float) -> None:
     for process in processes:
-        if process.is_alive() and process.pid is not None:
+        if process.is_alive():
             process.terminate()  # SIGTERM: the worker drains (server.shutdown_grace_s) and exits
     for process in processes:
         process.join(grace_s)
