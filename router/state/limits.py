@@ -11,17 +11,10 @@ import time
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from .keygen import new_key_id
 from .schema import api_keys, rate_windows, slots
-
-
-async def count_request(engine: AsyncEngine, key_id: str, rpm: int) -> int | None:
-    """Count one request in the key's current clock minute: None when allowed, else the seconds
-    until the minute ends. The window's row is updated only while under the limit."""
-    async with engine.begin() as conn:
-        return await count_in(conn, key_id, rpm)
 
 
 def _step(key_id: str, rpm: int, window: int) -> sa.Update:
@@ -33,7 +26,8 @@ def _step(key_id: str, rpm: int, window: int) -> sa.Update:
 
 
 async def count_in(conn: AsyncConnection, key_id: str, rpm: int) -> int | None:
-    """`count_request` inside the caller's transaction (admission's one round trip): the
+    """Count one request in the key's current clock minute: None when allowed, else the seconds
+    until the minute ends; in the caller's transaction (admission's one round trip). The
     conditional UPDATE, and for a key's first request an INSERT … ON CONFLICT DO NOTHING (both
     databases), which waits for, rather than fails on, another replica's insert of the same row."""
     now = time.time()

@@ -10,9 +10,9 @@ from typing import Literal
 import orjson
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection
 
-from .records import Replay
+from .records import Begin, Replay
 from .schema import idempotency
 
 
@@ -23,11 +23,11 @@ class Claim:
     replay: Replay | None = None
 
 
-async def claim(engine: AsyncEngine, scope: str, key: str, fingerprint: str, owner: str,
+async def claim(begin: Begin, scope: str, key: str, fingerprint: str, owner: str,
                 lease_s: float, ttl_s: float) -> Claim:
     now = time.time()
     try:
-        async with engine.begin() as conn:
+        async with begin() as conn:
             await conn.execute(idempotency.delete().where(idempotency.c.scope == scope, idempotency.c.key == key,
                                                           idempotency.c.expires_at < now))
             await conn.execute(idempotency.insert().values(
@@ -37,7 +37,7 @@ async def claim(engine: AsyncEngine, scope: str, key: str, fingerprint: str, own
     except IntegrityError:
         pass  # a record exists: read it in a fresh transaction (PostgreSQL aborted this one)
     where = (idempotency.c.scope == scope, idempotency.c.key == key)
-    async with engine.begin() as conn:
+    async with begin() as conn:
         row = (await conn.execute(sa.select(idempotency).where(*where))).first()
         if row is None:
             return Claim("wait")  # it was just abandoned: the caller tries again

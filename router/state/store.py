@@ -90,11 +90,7 @@ class Store:
     @contextlib.asynccontextmanager
     async def _begin(self) -> AsyncIterator[AsyncConnection]:
         """A write transaction (one at a time per process on SQLite)."""
-        if self._one_writer is None:
-            async with self.engine.begin() as conn:
-                yield conn
-            return
-        async with self._one_writer, self.engine.begin() as conn:
+        async with self._one_writer or contextlib.nullcontext(), self.engine.begin() as conn:
             yield conn
 
     async def close(self) -> None:
@@ -230,7 +226,8 @@ class Store:
 
     async def count_request(self, key_id: str, rpm: int) -> int | None:
         """One request in the key's clock minute: None when allowed, else seconds to wait."""
-        return await limits.count_request(self.engine, key_id, rpm)
+        async with self._begin() as conn:
+            return await limits.count_in(conn, key_id, rpm)
 
     async def acquire_slot(self, key_id: str, limit: int, ttl_s: float) -> str | None:
         """A concurrency slot on the key, or None when `limit` are taken."""
@@ -249,7 +246,7 @@ class Store:
 
     async def claim_idempotency(self, scope: str, key: str, fingerprint: str, owner: str,
                                 lease_s: float, ttl_s: float) -> Claim:
-        return await replays.claim(self.engine, scope, key, fingerprint, owner, lease_s, ttl_s)
+        return await replays.claim(self._begin, scope, key, fingerprint, owner, lease_s, ttl_s)
 
     async def complete_idempotency(self, scope: str, key: str, owner: str, response: Replay) -> None:
         async with self._begin() as conn:
@@ -271,11 +268,11 @@ class Store:
             return await preferences.of(conn, scope)
 
     async def set_preference(self, scope: str, name: str, value: str) -> None:
-        await preferences.put(self.engine, scope, name, value)
+        await preferences.put(self._begin, scope, name, value)
 
     async def shared_secret(self, name: str, candidate: str) -> str:
         """A gateway-wide secret every replica on this store shares: `candidate`, if none was kept."""
-        return await preferences.first(self.engine, GATEWAY_SCOPE, name, candidate)
+        return await preferences.first(self._begin, GATEWAY_SCOPE, name, candidate)
 
     # -- async tasks
 
