@@ -48,22 +48,32 @@ async def take(conn: AsyncConnection, key_id: str, micros: int, reference: str |
     One conditional UPDATE (`balance >= :m` in its WHERE) decides: no read-then-write, so
     concurrent holds on one key, from any number of replicas, can never overdraw it.
     """
-    if isinstance(micros, bool) or not isinstance(micros, int) or micros < 0:
-        raise StateError("a hold must be a whole number of micro-dollars, zero or more")
+    check_amount(micros)
     hold_id, now = new_hold_id(), time.time()
     if await statements.write(conn, _TAKE, {"key": key_id, "micros": micros}) != 1:
-        key = await keys.get(conn, key_id)  # KeyNotFound when that is the reason
-        if key.revoked:
-            raise KeyRevoked(key_id)
-        if key.balance_micros is None:
-            raise StateError(f"API key '{key_id}' is unlimited (it keeps no balance)")
-        raise InsufficientCredit(key_id, micros)
+        raise await refusal(conn, key_id, micros)
     await statements.write(conn, _POST_LEDGER, {"key_id": key_id, "at": now, "kind": "hold",
                                               "amount_micros": -micros, "reference": hold_id})
     await statements.write(conn, _NEW_HOLD, {"id": hold_id, "key_id": key_id, "amount_micros": micros,
                                              "captured_micros": None, "status": "held", "reference": reference,
                                              "created_at": now})
     return hold_id
+
+
+def check_amount(micros: int) -> None:
+    if isinstance(micros, bool) or not isinstance(micros, int) or micros < 0:
+        raise StateError("a hold must be a whole number of micro-dollars, zero or more")
+
+
+async def refusal(conn: AsyncConnection, key_id: str, micros: int) -> StateError:
+    """Why a hold of `micros` on the key took nothing: KeyRevoked, InsufficientCredit, or a
+    StateError for an unlimited key; raises KeyNotFound."""
+    key = await keys.get(conn, key_id)
+    if key.revoked:
+        return KeyRevoked(key_id)
+    if key.balance_micros is None:
+        return StateError(f"API key '{key_id}' is unlimited (it keeps no balance)")
+    return InsufficientCredit(key_id, micros)
 
 
 async def settle(conn: AsyncConnection, hold_id: str, captured_micros: int) -> bool:
@@ -74,8 +84,7 @@ async def settle(conn: AsyncConnection, hold_id: str, captured_micros: int) -> b
     a round trip fewer than reading first, and the flip stays the one thing that decides."""
     flipped = await statements.write_returning(conn, _FLIP, {"hold": hold_id, "asked": max(0, int(captured_micros))})
     if flipped is None:
-        if (await conn.execute(sa.select(holds.c.id).where(holds.c.id == hold_id))).first() is None:
-            raise StateError(f"hold '{hold_id}' not found")
+        await must_exist(conn, hold_id)
         return False  # settled already (maybe by another replica's sweep)
     key_id, amount, captured = flipped
     remainder, now = amount - captured, time.time()
@@ -91,6 +100,11 @@ async def settle(conn: AsyncConnection, hold_id: str, captured_micros: int) -> b
     if rows:
         await statements.insert_many(conn, _POST_LEDGER, rows)
     return True
+
+
+async def must_exist(conn: AsyncConnection, hold_id: str) -> None:
+    if (await conn.execute(sa.select(holds.c.id).where(holds.c.id == hold_id))).first() is None:
+        raise StateError(f"hold '{hold_id}' not found")
 
 
 async def placed_before(conn: AsyncConnection, cutoff: float) -> list[str]:

@@ -15,7 +15,7 @@ from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from . import holds, keys, limits, preferences, replays, tasks, webhooks
+from . import holds, keys, limits, pg_credit, preferences, replays, tasks, webhooks
 from .keygen import new_webhook_secret
 from .records import (
     AdmitOutcome,
@@ -58,7 +58,9 @@ def _engine(url: sa.URL, schema: str | None) -> AsyncEngine:
         engine = create_async_engine(url, connect_args={"timeout": 30}, **_POOL)
         sa.event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
     else:
-        engine = create_async_engine(url, pool_pre_ping=True, **_POOL)
+        # Connections idle in autocommit: the pre-ping of a checkout is then one round trip, not
+        # BEGIN, ping and ROLLBACK, and the credit path's single statements need no more (Store).
+        engine = create_async_engine(url, pool_pre_ping=True, isolation_level="AUTOCOMMIT", **_POOL)
     # A schema of our own (tests; several gateways in one database) without naming it in every table.
     return engine.execution_options(schema_translate_map={None: schema}) if schema else engine
 
@@ -80,7 +82,12 @@ class Store:
     limits.py, preferences.py, replays.py and tasks.py."""
 
     def __init__(self, engine: AsyncEngine) -> None:
-        self.engine = engine
+        postgresql = engine.dialect.name == "postgresql"
+        # PostgreSQL: the credit path is single statements on `engine` as it comes (autocommit:
+        # pg_credit.py), and every transaction asks for READ COMMITTED, which the statements are
+        # written for. A view of one pool, not a second pool.
+        self._single = engine if postgresql else None
+        self.engine = engine.execution_options(isolation_level="READ COMMITTED") if postgresql else engine
         # SQLite takes one writer at a time and makes the others sleep and retry (its busy
         # handler, up to 100 ms a try): 32 requests of one gateway contending that way had a p99
         # of half a second. Queued here instead, in order, they wait only for each other
@@ -154,8 +161,12 @@ class Store:
 
     async def admit(self, key_id: str, *, rpm: int | None, concurrency: int | None, slot_ttl_s: float,
                     hold_micros: int | None, reference: str | None) -> AdmitOutcome:
-        """Rate limit, concurrency slot and credit hold of one request, in one transaction. A
-        refusal takes nothing (the rate count stays: the request was made)."""
+        """Rate limit, concurrency slot and credit hold of one request, in one transaction (on
+        PostgreSQL, a hold without limits is one statement). A refusal takes nothing (the rate
+        count stays: the request was made)."""
+        if self._single is not None and rpm is None and concurrency is None and hold_micros is not None:
+            async with self._single.connect() as conn:
+                return await pg_credit.admit(conn, key_id, hold_micros, reference)
         async with self._begin() as conn:
             if rpm is not None and (wait_s := await limits.count_in(conn, key_id, rpm)) is not None:
                 return AdmitOutcome("rate", wait_s=wait_s)
@@ -175,7 +186,11 @@ class Store:
             return AdmitOutcome(slot_id=slot_id, hold_id=hold_id)
 
     async def settle_request(self, hold_id: str | None, captured_micros: int, slot_id: str | None) -> bool:
-        """`settle` the hold (if any) and free the slot (if any), in one transaction."""
+        """`settle` the hold (if any) and free the slot (if any), in one transaction (on
+        PostgreSQL, one statement)."""
+        if self._single is not None:
+            async with self._single.connect() as conn:
+                return await pg_credit.settle(conn, hold_id, captured_micros, slot_id)
         async with self._begin() as conn:
             settled = hold_id is not None and await holds.settle(conn, hold_id, captured_micros)
             if slot_id is not None:
@@ -396,18 +411,18 @@ async def probe_store(url: str) -> str | None:
 
 async def open_store(url: str, *, schema: str | None = None) -> Store:
     """Connect and bring the schema up to date (idempotent: a second open changes nothing)."""
-    engine = _engine(async_url(url), schema)
+    store = Store(_engine(async_url(url), schema))
     for attempt in range(_MIGRATE_TRIES):
         try:
-            async with engine.begin() as conn:
+            async with store.engine.begin() as conn:
                 await conn.run_sync(_migrate)
             break
         except Exception as exc:
             # SQLite: another process created the tables or held the write lock between our check
             # and our write; look again. PostgreSQL serialises on the advisory lock instead.
             if not isinstance(exc, DBAPIError) or attempt == _MIGRATE_TRIES - 1 \
-                    or engine.dialect.name != "sqlite":
-                await engine.dispose()
+                    or store.engine.dialect.name != "sqlite":
+                await store.close()
                 raise
             await asyncio.sleep(0.05 * (attempt + 1))
-    return Store(engine)
+    return store
