@@ -7,7 +7,7 @@ import asyncio
 import os
 import signal
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from types import FrameType
 
@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.routing import Route
 
+from . import runtime
 from .config import Config, SurfacesConfig, load
 from .errors import ApiError
 from .http import a1111, admin, health, native, openai_images, openai_resources, task_views, ui
@@ -58,7 +59,9 @@ def routes(surfaces: SurfacesConfig) -> list[Route]:
             *(ui.routes() if surfaces.ui else []), *OPERATIONS]
 
 
-def create_app(cfg: Config) -> Starlette:
+def create_app(cfg: Config, on_started: Callable[[], None] | None = None) -> Starlette:
+    """The app for `cfg`. `on_started`: called once its services are open, before the first
+    request (`imagegate serve` tunes its process's garbage collector there)."""
     metrics = Metrics()
 
     @asynccontextmanager
@@ -66,6 +69,8 @@ def create_app(cfg: Config) -> Starlette:
         async with open_services(cfg, metrics) as services:
             app.state.gateway = services  # what router/http/context.py hands to handlers
             _drain_on_sigterm(services.pipeline.drain)
+            if on_started is not None:
+                on_started()
             yield
         Metrics.process_exit()
 
@@ -98,4 +103,4 @@ def _drain_on_sigterm(drain: Drain) -> None:
 
 def app_from_env() -> Starlette:
     """The factory each `imagegate serve --workers N` process calls (uvicorn imports it by name)."""
-    return create_app(load(os.environ.get("IMAGEGATE_CONFIG") or None))
+    return create_app(load(os.environ.get("IMAGEGATE_CONFIG") or None), on_started=runtime.freeze_startup_objects)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ctypes
 import logging
 import os
 import shutil
@@ -13,12 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from . import config, keys_cli
-
-# mallopt(3): buffers up to 4 MB (one image's answer) from the heap, and freed heap kept up to
-# 256 MB; bigger ones (n=4 answers) are mapped and unmapped, which keeps the heap from fragmenting.
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-MMAP_THRESHOLD, TRIM_THRESHOLD = 4 << 20, 256 << 20
+from . import config, keys_cli, runtime
 
 
 def _load_or_exit(path: str | None) -> config.Config:
@@ -39,13 +33,14 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     cfg = _load_or_exit(args.config)
     args.workers = _worker_count(args.workers, cfg)
-    keep_freed_memory()
+    runtime.keep_freed_memory()
     host = args.host or cfg.server.host
     port = cfg.server.port if args.port is None else args.port
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Past the grace period uvicorn cancels what is left; the gateway answers those 503 a second before.
     options: dict[str, Any] = {"host": host, "port": port, "log_level": args.log_level, "access_log": False,
-                               "timeout_graceful_shutdown": cfg.server.shutdown_grace_s + 1}
+                               "timeout_graceful_shutdown": cfg.server.shutdown_grace_s + 1,
+                               **runtime.SERVER_OPTIONS}
     if args.workers > 1:
         made = _multiprocess_metrics()
         os.environ["IMAGEGATE_CONFIG"] = str(Path(args.config).resolve()) if args.config else ""
@@ -55,25 +50,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
             if made is not None:  # a directory of our own: nothing else reads it once the workers stop
                 shutil.rmtree(made, ignore_errors=True)
     else:
-        uvicorn.run(create_app(cfg), **options)
-
-
-def keep_freed_memory() -> None:
-    """glibc's malloc: megabyte buffers (an image answer's) from the heap rather than fresh mappings,
-    and freed memory kept for the next request rather than handed back to the kernel and faulted in
-    again. A page faulted in costs microseconds (more on a VM): 1.7 ms of CPU per 1.6 MB image here
-    (README, Performance). Worker processes read the same settings from the environment at start;
-    an operator's own MALLOC_* values win."""
-    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(MMAP_THRESHOLD))
-    os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", str(TRIM_THRESHOLD))
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc: nothing to tune
-        return
-    for option, name in ((M_MMAP_THRESHOLD, "MALLOC_MMAP_THRESHOLD_"), (M_TRIM_THRESHOLD, "MALLOC_TRIM_THRESHOLD_")):
-        value = os.environ[name]
-        if value.isdigit():
-            libc.mallopt(option, int(value))
+        uvicorn.run(create_app(cfg, on_started=runtime.freeze_startup_objects), **options)
 
 
 def _workers(value: str) -> int | str:

@@ -19,6 +19,7 @@ import yaml
 from openai import AsyncOpenAI, OpenAI
 from PIL import Image
 
+from imagegate.router import runtime
 from imagegate.router.app import create_app
 from imagegate.router.config import load_text
 from tests.fakes.openai_upstream import FakeOpenAI
@@ -63,7 +64,7 @@ StartGateway = Callable[[dict[str, Any]], Gateway]
 def serve_gateway(cfg: dict[str, Any]) -> Gateway:
     """A gateway running `cfg` (through YAML, as from a file) on a port of its own; the caller closes it."""
     app = create_app(load_text(yaml.safe_dump(cfg)))
-    return Gateway(ServerThread(app).start(), app)
+    return Gateway(ServerThread(app, **runtime.SERVER_OPTIONS).start(), app)  # as `imagegate serve` runs it
 
 
 def base_config(tmp_path: Path, upstream_url: str | None = None) -> dict[str, Any]:

@@ -211,6 +211,21 @@ def test_connections_opened_at_once_are_spread_over_the_workers(serve: Any) -> N
     assert all(held) and set().union(*held) == ours, [len(each) for each in held]
 
 
+def _loaded(pid: int) -> set[str]:
+    """The extension modules a process has mapped, by package: what it really runs on."""
+    maps = Path(f"/proc/{pid}/maps").read_text().splitlines()
+    return {part for line in maps for part in ("uvloop", "httptools") if f"/{part}/" in line}
+
+
+def test_the_gateway_and_its_workers_serve_on_uvloop_and_httptools(serve: Any) -> None:
+    single = serve()
+    assert single.generate().status_code == 200
+    assert _loaded(single.proc.pid) == {"uvloop", "httptools"}
+    workers = serve(workers=2)
+    wait_until(lambda: len(_listening_workers(workers)) == 2, "both workers to listen")
+    assert [_loaded(worker.pid) for worker in _listening_workers(workers)] == [{"uvloop", "httptools"}] * 2
+
+
 def test_a_worker_that_dies_is_replaced_and_sigterm_stops_them_all(serve: Any) -> None:
     gw = serve(workers=2)
     wait_until(lambda: len(_listening_workers(gw)) == 2, "both workers to listen")

@@ -150,11 +150,14 @@ def test_scope_is_per_api_key(gw: Any, fake_openai: FakeOpenAI) -> None:
 @pytest.mark.parametrize("idem", ["x" * 256, b"caf\xe9", "a\x01b", "a\tb", ""],
                          ids=["256-chars", "non-ascii", "control-char", "tab", "empty"])
 def test_malformed_key_is_400(gw: Any, fake_openai: FakeOpenAI, idem: str | bytes) -> None:
+    """A control character makes the header itself invalid HTTP (RFC 9110 §5.5): the HTTP parser
+    refuses the request before the gateway reads its headers, in the same error shape."""
     key = make_key(gw)
-    assert_error(generate(gw, key, idem), 400, None, "Idempotency-Key")
+    code, param = ("invalid_http_request", None) if idem == "a\x01b" else (None, "Idempotency-Key")
+    assert_error(generate(gw, key, idem), 400, code, param)
     upload = gw.http.post("/v1/uploads", files={"file": ("a.png", png_bytes(), "image/png")},
                           headers=headers(key, idem))
-    assert_error(upload, 400, None, "Idempotency-Key")
+    assert_error(upload, 400, code, param)
     assert fake_openai.requests == []
     assert usage(gw, key)["balance_micros"] == 1_000_000 and holds(gw, key) == []
 
