@@ -16,7 +16,10 @@ answer also kept as an artifact), `nokeep` (`artifacts.keep_b64_answers: false`)
 (the default with `serve --workers auto`: CPU and RSS summed over its processes; no memory cells,
 which are per process). `--before
 EXE` adds a third, another build's `imagegate` executable, on the same upstream and load.
-`--profile gateway|nokeep|before` samples that one with py-spy during its c=32 cell and prints
+The c=1 and c=32 cells are side by side: `--blocks` rounds (5 by default), each running every path
+in turn for its share of the timed seconds, so that a slow minute of this shared machine falls on
+all of them alike; a cell's p50 is its blocks' median.
+`--profile gateway|nokeep|before` samples that one with py-spy during its first c=32 block and prints
 where its time went.
 
 Run from the repository root (Linux, about four minutes):  .venv/bin/python bench/gateway_overhead.py
@@ -33,6 +36,7 @@ import platform
 import random
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -197,8 +201,9 @@ class Cell:
 
 
 def measure(load: str, server: Server, pids: dict[str, int], concurrency: int, n: int, args: argparse.Namespace,
-            min_bytes: int, reset_peak: bool = True) -> Cell:
-    """One cell: a warm-up, then the timed load, with CPU and peak RSS over the timed part."""
+            min_bytes: int, reset_peak: bool = True, block: int | None = None) -> Cell:
+    """One cell, or (wrk) block `block` of `args.blocks` of it: a warm-up (the first block's only),
+    then the timed load, with CPU and peak RSS over the timed part."""
     watched = {"upstream": pids["direct"], **({server.label: server.pid} if server.label != "direct" else {})}
     if load == "httpx":
         many = concurrency > 1
@@ -208,15 +213,16 @@ def measure(load: str, server: Server, pids: dict[str, int], concurrency: int, n
         got = run_httpx(Job(server.url, body(n), KEY, min_bytes), cell, watched)
         return Cell(server.label, concurrency, n, got.requests, got.errors, got.rps, got.p50_ms, got.p99_ms,
                     got.cpu_ms, status_mb(server.pid, "VmHWM"))
-    text = orjson.dumps(body(n)).decode()
-    run_wrk(args.wrk, server.url, text, KEY, connections=concurrency, seconds=args.warmup)
+    text, seconds = orjson.dumps(body(n)).decode(), args.duration / (1 if block is None else args.blocks)
+    if not block:  # None or 0
+        run_wrk(args.wrk, server.url, text, KEY, connections=concurrency, seconds=args.warmup)
     if reset_peak:
         reset_peak_rss(server.pid)
     spy = None
-    if args.profile and (server.label, concurrency, n) == (args.profile, 32, 1):
-        spy = profile.record(server.pid, args.duration, args.tmp / "profile.txt")
+    if args.profile and (server.label, concurrency, n) == (args.profile, 32, 1) and not block:
+        spy = profile.record(server.pid, seconds, args.tmp / "profile.txt")
     cpu0 = {name: cpu_seconds(pid) for name, pid in watched.items()}
-    got = run_wrk(args.wrk, server.url, text, KEY, connections=concurrency, seconds=args.duration)
+    got = run_wrk(args.wrk, server.url, text, KEY, connections=concurrency, seconds=seconds)
     if spy is not None:
         spy.wait()
         args.profiles.append(args.tmp / "profile.txt")
@@ -226,11 +232,34 @@ def measure(load: str, server: Server, pids: dict[str, int], concurrency: int, n
                 got.rps, got.p50_ms, got.p99_ms, cpu, status_mb(server.pid, "VmHWM"))
 
 
+def side_by_side(load: str, servers: list[Server], pids: dict[str, int], concurrency: int, args: argparse.Namespace,
+                 min_bytes: int) -> list[Cell]:
+    """The n=1 cells of one concurrency, side by side: `args.blocks` rounds, each running every
+    path in turn for its share of the timed seconds, so that a slow minute of this shared machine
+    falls on all of them alike."""
+    blocks: dict[str, list[Cell]] = {server.label: [] for server in servers}
+    for block in range(args.blocks if load == "wrk" else 1):
+        for server in servers:
+            blocks[server.label].append(measure(load, server, pids, concurrency, 1, args, min_bytes, block=block))
+    return [merged(parts) for parts in blocks.values()]
+
+
+def merged(parts: list[Cell]) -> Cell:
+    """One cell from its blocks: requests, errors and CPU summed; the blocks' median p50, their
+    worst p99 and highest peak RSS."""
+    first, total = parts[0], sum(part.requests for part in parts)
+    cpu = {name: sum(part.cpu_ms[name] * part.requests for part in parts) / max(1, total) for name in first.cpu_ms}
+    return Cell(first.path, first.concurrency, first.n, total, sum(part.errors for part in parts),
+                statistics.mean(part.rps for part in parts), statistics.median(part.p50_ms for part in parts),
+                max(part.p99_ms for part in parts), cpu, max(part.peak_rss_mb for part in parts))
+
+
 def report(cells: list[Cell], png: bytes, servers: list[Server], load: str, args: argparse.Namespace) -> None:
     print(f"\nmachine: {os.cpu_count()} CPUs ({platform.machine()}), {platform.system()} {platform.release()}; "
           f"Python {platform.python_version()}; load generator: {load}")
     print(f"payload: {SIDE}x{SIDE} PNG, {len(png):,} bytes = {b64_size(png):,} bytes of base64 per image")
-    print(f"per cell: {args.warmup:g} s warm-up, then {args.duration:g} s timed" if load == "wrk" else
+    print(f"per cell: {args.warmup:g} s warm-up, then {args.duration:g} s timed; at n=1 in {args.blocks} blocks "
+          "that alternate between the paths (p50: the blocks' median; p99: their worst)" if load == "wrk" else
           f"per cell: {args.httpx_requests} requests at c=1, {3 * args.httpx_requests} at c>1, after 50 warm-up")
     idle = [f"{s.label} idle RSS {s.idle_rss_mb:.1f} MB" for s in servers if s.label != "direct"]
     print("gateways: " + "; ".join(idle))
@@ -274,6 +303,7 @@ def options() -> argparse.Namespace:
     ap.add_argument("--load", choices=["auto", "wrk", "httpx"], default="auto")
     ap.add_argument("--duration", type=float, default=10, help="timed seconds per wrk cell")
     ap.add_argument("--warmup", type=float, default=2, help="warm-up seconds per wrk cell")
+    ap.add_argument("--blocks", type=int, default=5, help="alternating blocks per wrk cell at c=1 and c=32")
     ap.add_argument("--httpx-requests", type=int, default=1000, help="timed requests per httpx cell at c=1")
     ap.add_argument("--before", help="another build's imagegate executable, run beside this one")
     ap.add_argument("--no-memory", action="store_true", help="skip the memory cells")
@@ -329,7 +359,7 @@ def main() -> None:
             procs.append(proc)
             servers.append(server)
         pids = {s.label: s.pid for s in servers}
-        cells = [measure(load, s, pids, c, 1, args, b64_size(png)) for c in (1, 32) for s in servers]
+        cells = [cell for c in (1, 32) for cell in side_by_side(load, servers, pids, c, args, b64_size(png))]
         if not args.no_memory:
             # Per process: with workers each holds what its own requests hold.
             cells += [memory_cell(tmp, build, port, pids, cell, load, args, png) for cell in MEMORY_CELLS
