@@ -61,6 +61,8 @@ def test_garbage_left_by_start_up_is_collected_not_frozen() -> None:
         import gc, json, weakref
         from imagegate.router import runtime
 
+        gc.disable()  # from here nothing collects automatically: only freeze_startup_objects can
+
         class Node:
             pass
 
@@ -68,7 +70,7 @@ def test_garbage_left_by_start_up_is_collected_not_frozen() -> None:
         a.other, b.other = b, a  # a cycle: only the collector frees it
         gone = weakref.ref(a)
         del a, b
-        gc.disable()  # nothing collects it before freeze_startup_objects does
+        assert gone() is not None
         runtime.freeze_startup_objects()
         print(json.dumps({"collected": gone() is None, "frozen": gc.get_freeze_count()}))
     """)
