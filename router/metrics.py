@@ -64,6 +64,10 @@ class Metrics:
         self.server_progress = Gauge("imagegate_upstream_progress", "Fraction done of the upstream's running "
                                      "prompt (0 when idle)", ["provider"], registry=r,
                                      multiprocess_mode="livemostrecent")
+        # The children each request updates, by their (bounded) labels: prometheus-client's
+        # `labels` costs more than the update itself.
+        self._answered: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+        self._delivered: dict[str, tuple[Counter, Counter, Counter]] = {}
 
     def observe_upstream(self, provider: str, report: dict[str, object]) -> None:
         """Copy the gauges a provider reports of its server (`Provider.report()`), at scrape time."""
@@ -74,8 +78,24 @@ class Metrics:
             self.server_progress.labels(provider).set(progress if isinstance(progress, float) else 0.0)
 
     def observe(self, endpoint: str, model: str, status: int, seconds: float) -> None:
-        self.requests.labels(endpoint, model, str(status)).inc()
-        self.latency.labels(endpoint, model, str(status)).observe(seconds)
+        """One request answered."""
+        children = self._answered.get((endpoint, model, status))
+        if children is None:
+            labels = (endpoint, model, str(status))
+            children = self._answered[endpoint, model, status] = (self.requests.labels(*labels),
+                                                                  self.latency.labels(*labels))
+        children[0].inc()
+        children[1].observe(seconds)
+
+    def delivered(self, model: str, images: int, megapixels: float, cost: float) -> None:
+        """Images delivered (and priced) by one request."""
+        children = self._delivered.get(model)
+        if children is None:
+            children = self._delivered[model] = (self.images.labels(model), self.megapixels.labels(model),
+                                                 self.cost.labels(model))
+        children[0].inc(images)
+        children[1].inc(megapixels)
+        children[2].inc(cost)
 
     def delivered_by_model(self) -> dict[str, dict[str, float]]:
         """This process's delivered images, megapixels and cost per model (the console's view)."""

@@ -3,6 +3,7 @@ normalized and priced as delivered. Shared by synchronous answers, streams and a
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import TypeVar
@@ -61,10 +62,7 @@ class Delivery:
             raise ApiError(502, "the upstream returned no images", code="upstream_bad_response")
         finished = await finish_all(images, req, self.max_image_pixels)
         price = prepared.price.for_images(len(finished))
-        model_id = prepared.model_id
-        self.metrics.images.labels(model_id).inc(len(finished))
-        self.metrics.megapixels.labels(model_id).inc(float(price.megapixels))
-        self.metrics.cost.labels(model_id).inc(float(price.cost))
+        self.metrics.delivered(prepared.model_id, len(finished), float(price.megapixels), float(price.cost))
         return Delivered(finished, price)
 
     async def keep_inputs(self, inputs: Inputs, owner: str | None) -> list[str]:
@@ -89,27 +87,23 @@ class Delivery:
 
 
 async def _unless_gone(gone: Gone, work: Callable[[], Awaitable[T]]) -> T:
-    """Run `work`, cancelling it (and so any upstream task it polls) if the client goes away."""
-    result: list[T] = []
-    failure: Exception | None = None
-    async with anyio.create_task_group() as tg:
+    """Run `work`, cancelling it (and so any upstream task it polls) if the client goes away.
 
-        async def watch() -> None:
-            await gone()
-            tg.cancel_scope.cancel()
+    `work` runs in this task and only the watch is a task of its own, with no task group: a group
+    of two cost a task, and anyio's cancellation of the watch when the work ends, on every request
+    (bench/gateway_overhead.py, README Performance)."""
+    with anyio.CancelScope() as scope:
+        watch, cancel = asyncio.ensure_future(gone()), partial(_cancel_if_gone, scope)
+        watch.add_done_callback(cancel)
+        try:
+            return await work()
+        finally:
+            watch.remove_done_callback(cancel)
+            watch.cancel()
+    raise ClientGone()
 
-        async def run() -> None:
-            nonlocal failure
-            try:
-                result.append(await work())
-            except Exception as exc:  # re-raised below as itself, not wrapped in an ExceptionGroup
-                failure = exc
-            tg.cancel_scope.cancel()
 
-        tg.start_soon(watch)
-        tg.start_soon(run)
-    if failure is not None:
-        raise failure
-    if not result:
-        raise ClientGone()
-    return result[0]
+def _cancel_if_gone(scope: anyio.CancelScope, watch: asyncio.Future[None]) -> None:
+    # Called when the watch ends: by the client's disconnect, or cancelled once the work is done.
+    if not watch.cancelled() and watch.exception() is None:
+        scope.cancel()

@@ -49,6 +49,9 @@ class RouteCaller:
     def __init__(self, provider: Provider, health: Health, metrics: Metrics) -> None:
         self.provider, self.health, self.metrics = provider, health, metrics
         self.name = provider.name
+        # The children every call updates, looked up once (prometheus-client's `labels` costs more).
+        self._succeeded = metrics.attempts.labels(self.name, "ok")
+        self._upstream_latency = metrics.upstream_latency.labels(self.name)
 
     async def call(self, request: ImageRequest, retry: RetryConfig, latency: Latency, trail: Trail,
                    deadline: float) -> ProviderResult:
@@ -94,13 +97,13 @@ class RouteCaller:
                     trail.paid = True  # cut off mid-call (deadline, shutdown): the upstream may have worked
                     raise
                 finally:
-                    self.metrics.upstream_latency.labels(self.name).observe(time.perf_counter() - started)
+                    self._upstream_latency.observe(time.perf_counter() - started)
             seconds = time.perf_counter() - started
             latency.observe(seconds)
             self.health.latency.observe(seconds)
             breaker.success()
             verdict = True
-            self.metrics.attempts.labels(self.name, "ok").inc()
+            self._succeeded.inc()
             return result
         except UpstreamError as exc:
             verdict = True

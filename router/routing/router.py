@@ -45,10 +45,11 @@ class Served:
 
 def _health(provider: Provider, metrics: Metrics) -> Health:
     opts, name = provider.options, provider.name
+    in_flight, queued = metrics.in_flight.labels(name), metrics.queued.labels(name)
 
-    def gauges() -> None:
-        metrics.in_flight.labels(name).set(limiter.in_flight)
-        metrics.queued.labels(name).set(limiter.waiting)
+    def gauges() -> None:  # on every slot taken and given back
+        in_flight.set(limiter.in_flight)
+        queued.set(limiter.waiting)
 
     limiter = Limiter(opts.max_concurrency, opts.max_queue, gauges)
     breaker = CircuitBreaker(opts.circuit.failures, opts.circuit.cooldown_s,
