@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import binascii
+import functools
 import math
 import re
 from collections.abc import Iterable
@@ -11,6 +12,7 @@ from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
+import aiohttp
 import httpx
 import orjson
 import pybase64
@@ -27,16 +29,46 @@ MAX_REDIRECTS = 3
 AiohttpResponseStream.CHUNK_SIZE = 1 << 20
 
 
-def make_client(options: HTTPProviderOptions, headers: dict[str, str]) -> httpx.AsyncClient:
-    """One pooled client per provider instance; the api key lives only in these headers.
-
-    The aiohttp transport reads megabyte bodies at about half the CPU of httpx's default one
-    (bench/gateway_overhead.py), and the httpx API on top stays the same for every adapter.
-    """
-    timeout = httpx.Timeout(options.timeout_s, connect=options.connect_timeout_s)
+def make_transport(options: HTTPProviderOptions) -> httpx.AsyncBaseTransport:
+    """The connection pool of one client. The aiohttp transport reads megabyte bodies at about half
+    the CPU of httpx's default one (bench/gateway_overhead.py)."""
     limits = httpx.Limits(max_connections=options.max_connections, max_keepalive_connections=options.max_connections)
+    verify = httpx.create_ssl_context(trust_env=False)
+
+    def session() -> aiohttp.ClientSession:  # made on the first call, inside the running loop
+        connector = aiohttp.TCPConnector(limit=options.max_connections, keepalive_timeout=limits.keepalive_expiry,
+                                         ssl=verify)
+        # No cookie jar: nothing an upstream sets on one caller's call rides on another's.
+        return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar())
+
+    return AiohttpTransport(limits=limits, trust_env=False, client=session)
+
+
+def make_client(options: HTTPProviderOptions, headers: dict[str, str],
+                transport: httpx.AsyncBaseTransport | None = None) -> httpx.AsyncClient:
+    """One pooled client per provider instance; the api key lives only in these headers."""
+    timeout = httpx.Timeout(options.timeout_s, connect=options.connect_timeout_s)
     return httpx.AsyncClient(timeout=timeout, headers=headers, follow_redirects=False,
-                             transport=AiohttpTransport(limits=limits, trust_env=False))
+                             transport=transport or make_transport(options))
+
+
+@functools.lru_cache(maxsize=256)
+def parsed_url(url: str) -> httpx.URL:
+    """`url` parsed once: an API's few endpoints are called over and over, and httpx parses a str
+    URL on every request. URLs are immutable, so one object serves every call."""
+    return httpx.URL(url)
+
+
+async def send_direct(transport: httpx.AsyncBaseTransport, request: httpx.Request) -> httpx.Response:
+    """An API call built by the provider's client (its headers, timeouts and body), sent straight
+    to the client's transport, its answer still to be read. httpx.AsyncClient.send adds only what
+    these calls do not use: the redirect and auth flows (neither is followed), a cookie jar
+    (nothing an upstream sets on one caller's call should ride on another's), and a stream wrapper
+    that times the answer. On a small answer those cost as much CPU as the call (README,
+    Performance)."""
+    response = await transport.handle_async_request(request)
+    response.request = request
+    return response
 
 
 def redact(text: str, secrets: Iterable[str]) -> str:

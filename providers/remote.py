@@ -28,6 +28,7 @@ class HTTPProvider(Provider):
         super().__init__(name, options)
         self.base = options.base_url.rstrip("/")
         self._client: httpx.AsyncClient | None = None
+        self._transport: httpx.AsyncBaseTransport | None = None  # the API client's, for `receive`
         self._downloads: httpx.AsyncClient | None = None
 
     # -- what subclasses provide ---------------------------------------------------------------
@@ -52,7 +53,9 @@ class HTTPProvider(Provider):
         return ["api_key"] if self.requires_api_key and not self.options.api_key else []
 
     async def start(self) -> None:
-        self._client = http.make_client(self.options, {"accept": "application/json", **self.auth_headers()})
+        self._transport = http.make_transport(self.options)
+        self._client = http.make_client(self.options, {"accept": "application/json", **self.auth_headers()},
+                                        self._transport)
         self._downloads = http.make_client(self.options, {})
 
     async def aclose(self) -> None:
@@ -77,9 +80,10 @@ class HTTPProvider(Provider):
         """One API call: the answer (closed: status and headers) and its body, read whole into one
         buffer but never past `max_answer_mb` (a broken upstream or a proxy must not be able to
         fill the gateway's memory)."""
-        request = self.client.build_request(method, url, **kwargs)
+        request = self.client.build_request(method, http.parsed_url(url), **kwargs)
+        assert self._transport is not None, "provider not started"
         try:
-            response = await self.client.send(request, stream=True)
+            response = await http.send_direct(self._transport, request)
             try:
                 body = await http.read_buffer(response, int(self.options.max_answer_mb * 1024 * 1024))
             finally:

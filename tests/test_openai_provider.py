@@ -97,6 +97,15 @@ def test_minimal_generation_sends_model_defaults_and_the_seed_it_reports(
                     "output_format": "png", "seed": seed, "steps": 30, "guidance_scale": 6.5}
 
 
+def test_an_upstream_cookie_is_never_sent_back(gateway: Gateway, fake_openai: FakeOpenAI) -> None:
+    # One provider serves every caller: what an upstream sets on one call must not ride on the next.
+    fake_openai.cookie = "__cf_bm=from-the-first-call; path=/; HttpOnly"
+    for _ in range(2):
+        sdk(gateway).images.generate(model="remote", prompt="p", size="256x256")
+    first, second = fake_openai.requests[-2:]
+    assert "cookie" not in first.headers and "cookie" not in second.headers
+
+
 @pytest.mark.parametrize(("extra", "expected"), [
     ({"steps": 500}, {"steps": 60}),                      # clamped to 1..60
     ({"steps": 0}, {"steps": 1}),

@@ -66,6 +66,8 @@ class FakeOpenAI(FakeUpstream):
         self.delay_s = 0.0
         self.files: dict[str, bytes] = {}
         self.record = True
+        # A Set-Cookie on every answer, as OpenAI's edge sends Cloudflare's `__cf_bm`; None: none.
+        self.cookie: str | None = None
         self._canned: dict[tuple[int, int], bytes] = {}
         self.app = Starlette(routes=[
             Route("/v1/images/generations", self._generations, methods=["POST"]),
@@ -146,7 +148,10 @@ class FakeOpenAI(FakeUpstream):
         fields = orjson.loads(await request.body())
         if self.record:
             self.requests.append(Recorded("/v1/images/generations", dict(request.headers), json=fields))
-        return await self._misbehave() or self._answer(fields)
+        response = await self._misbehave() or self._answer(fields)
+        if self.cookie is not None:
+            response.headers.append("set-cookie", self.cookie)
+        return response
 
     async def _edits(self, request: Request) -> Response:
         if (denied := self._auth_error(request)) is not None:
