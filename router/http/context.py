@@ -26,8 +26,15 @@ def caller_of(request: Request) -> Caller:
     """The key AuthMiddleware found (None with auth off), the request id, and the base URL the
     caller reaches the gateway at (`server.public_url` when set)."""
     public = services(request).cfg.server.public_url
-    base = (public or f"{request.url.scheme}://{request.url.netloc}").rstrip("/")
+    base = (public or _origin(request)).rstrip("/")
     return Caller(getattr(request.state, "api_key", None), getattr(request.state, "request_id", None), base)
+
+
+def _origin(request: Request) -> str:
+    """scheme://host as `request.url` has them, without building and parsing the whole URL (on
+    every request, for the few answers that link back)."""
+    host = request.headers.get("host")
+    return f"{request.scope.get('scheme', 'http')}://{host}" if host else f"{request.url.scheme}://{request.url.netloc}"
 
 
 def disconnected(request: Request) -> Gone:

@@ -56,6 +56,8 @@ class RouteCaller:
     async def call(self, request: ImageRequest, retry: RetryConfig, latency: Latency, trail: Trail,
                    deadline: float) -> ProviderResult:
         """Try this route up to `retry.attempts` times; raises the last UpstreamError."""
+        if retry.attempts == 1:  # the default: tenacity would call once and re-raise, at a cost per request
+            return await self._once(request, latency, trail)
 
         def retryable(exc: BaseException) -> bool:
             return (isinstance(exc, UpstreamError) and exc.retryable and outcome(exc) in retry.on
