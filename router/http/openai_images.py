@@ -6,7 +6,6 @@ server-sent event stream, or a 202 task)."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
 from functools import partial
 
 from starlette.requests import Request
@@ -82,7 +81,7 @@ async def image_to_image(request: Request) -> Response:
 async def _serve(request: Request, services: Services, body: GenerationBody, operation: str, inputs: Inputs,
                  print_: Callable[[], str], as_task: bool | None = None, artifacts: bool = True) -> Response:
     pipeline, caller = services.pipeline, caller_of(request)
-    ask = body.ask() if artifacts else replace(body.ask(), artifacts=False)
+    ask = body.ask(artifacts=artifacts)
     prepared = pipeline.prepare(ask, operation, inputs, caller, partial(setattr, request.state, "model"))
     if body.dry_run:
         return JSONResponse(pipeline.quote(prepared), headers={"x-imagegate-model": prepared.model_id,

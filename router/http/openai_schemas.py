@@ -54,7 +54,7 @@ class GenerationBody(BaseModel):
     def hints(self) -> dict[str, Any]:
         return {k: getattr(self, k, None) for k in HINT_FIELDS if getattr(self, k, None) is not None}
 
-    def ask(self) -> ImageAsk:
+    def ask(self, *, artifacts: bool = True) -> ImageAsk:
         return ImageAsk(
             prompt=self.prompt, model=self.model, n=self.n, size=self.size, aspect_ratio=self.aspect_ratio,
             response_format=self.response_format, output_format=self.output_format,
@@ -62,7 +62,7 @@ class GenerationBody(BaseModel):
             negative_prompt=self.negative_prompt, seed=self.seed, steps=self.steps,
             guidance_scale=self.guidance_scale, strength=self.edit_strength(), stream=bool(self.stream),
             partial_images=self.partial_images or 0, hints=self.hints(), extra=dict(self.model_extra or {}),
-            webhook_url=self.webhook_url)
+            webhook_url=self.webhook_url, artifacts=artifacts)
 
     def edit_strength(self) -> float | None:
         return None  # generations take no strength (as a field it is an unknown one)
@@ -83,11 +83,11 @@ class ImageToImageBody(EditBody):
     aspect_ratio: Literal["auto", "1:1", "16:9", "9:16", "4:3", "3:4", "2:1"] | None = None
     n: int | None = Field(default=None, ge=1, le=4)
 
-    def ask(self) -> ImageAsk:
+    def ask(self, *, artifacts: bool = True) -> ImageAsk:
         if self.quality == "hd" and self.aspect_ratio in (None, "auto"):
             raise invalid("aspect_ratio 'auto' runs only at standard quality; give an aspect_ratio for hd",
                           "aspect_ratio")
-        ask = super().ask()
+        ask = super().ask(artifacts=artifacts)
         return replace(ask, aspect_ratio=None if self.aspect_ratio == "auto" else self.aspect_ratio)
 
 

@@ -49,7 +49,7 @@ class Price:
 
     def for_images(self, n: int) -> Price:
         """The same rate for another number of images (what was delivered)."""
-        return replace(self, n=n)
+        return self if n == self.n else replace(self, n=n)
 
     @property
     def megapixels(self) -> Decimal:
