@@ -19,6 +19,8 @@ EXE` adds a third, another build's `imagegate` executable, on the same upstream 
 The c=1 and c=32 cells are side by side: `--blocks` rounds (5 by default), each running every path
 in turn for its share of the timed seconds, so that a slow minute of this shared machine falls on
 all of them alike; a cell's p50 is its blocks' median.
+`--b64 2000` answers a black PNG of a few kilobytes instead: what is left is what a request costs
+whatever its image (routing, the pipeline, the HTTP layers on both sides).
 `--profile gateway|nokeep|before` samples that one with py-spy during its first c=32 block and prints
 where its time went.
 
@@ -307,6 +309,9 @@ def options() -> argparse.Namespace:
     ap.add_argument("--httpx-requests", type=int, default=1000, help="timed requests per httpx cell at c=1")
     ap.add_argument("--before", help="another build's imagegate executable, run beside this one")
     ap.add_argument("--no-memory", action="store_true", help="skip the memory cells")
+    ap.add_argument("--b64", type=int, default=TARGET_B64,
+                    help="about this many bytes of base64 per image (default: 1.6 MB, the targets' size); "
+                         "a small answer (--b64 2000) shows what a request costs whatever its image")
     ap.add_argument("--profile", choices=["gateway", "nokeep", "before"],
                     help="py-spy on that gateway during its c=32 cell (wrk only), summarised at the end")
     return ap.parse_args()
@@ -335,7 +340,7 @@ def main() -> None:
     if args.load == "wrk" and args.wrk is None:
         raise SystemExit("wrk is not installed and could not be installed (apt-get install wrk)")
     load = "wrk" if args.wrk else "httpx"
-    png, tmp = bench_png(), Path(tempfile.mkdtemp(prefix="imagegate-bench-"))
+    png, tmp = bench_png(target_b64=args.b64), Path(tempfile.mkdtemp(prefix="imagegate-bench-"))
     args.tmp, args.profiles = tmp, []
     exe = Path(sys.executable).parent / "imagegate"
     this = [str(exe)] if exe.exists() else [sys.executable, "-m", "imagegate"]
