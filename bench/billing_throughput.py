@@ -240,9 +240,9 @@ async def ledger_check(state_url: str, base_url: str, key_id: str, key: str, cha
         usage = (await client.get(f"{base_url}/v1/usage", headers={"authorization": f"Bearer {key}"})).json()
     store = await open_store(state_url)
     try:
-        async with store.engine.connect() as conn:
-            total = (await conn.execute(sa.select(sa.func.coalesce(sa.func.sum(ledger.c.amount_micros), 0))
-                                        .where(ledger.c.key_id == key_id))).scalar()
+        total = await store.runner.read(
+            lambda conn: conn.execute(sa.select(sa.func.coalesce(sa.func.sum(ledger.c.amount_micros), 0))
+                                      .where(ledger.c.key_id == key_id)).scalar())
         held = await store.held(key_id)
     finally:
         await store.close()

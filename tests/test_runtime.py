@@ -41,7 +41,7 @@ def test_the_app_freezes_what_start_up_made_once_its_services_are_open(tmp_path:
 
         async def main():
             async with app.router.lifespan_context(app):
-                engine = app.state.gateway.store.engine
+                engine = app.state.gateway.store.runner.engine
                 frozen = gc.get_freeze_count()
                 young = gc.get_threshold()[0]
                 hidden = not any(obj is engine for obj in gc.get_objects())  # no generation holds it

@@ -13,9 +13,9 @@ from __future__ import annotations
 import time
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.engine import Connection
 
-from . import keys, statements
+from . import keys
 from .keygen import new_key_id
 from .records import InsufficientCredit, KeyRevoked, StateError
 from .schema import api_keys, holds, ledger
@@ -42,7 +42,7 @@ def new_hold_id() -> str:
     return "hold_" + new_key_id().removeprefix("key_")
 
 
-async def take(conn: AsyncConnection, key_id: str, micros: int, reference: str | None) -> str:
+def take(conn: Connection, key_id: str, micros: int, reference: str | None) -> str:
     """Take `micros` from the key's balance, or raise InsufficientCredit having taken nothing.
 
     One conditional UPDATE (`balance >= :m` in its WHERE) decides: no read-then-write, so
@@ -50,13 +50,12 @@ async def take(conn: AsyncConnection, key_id: str, micros: int, reference: str |
     """
     check_amount(micros)
     hold_id, now = new_hold_id(), time.time()
-    if await statements.write(conn, _TAKE, {"key": key_id, "micros": micros}) != 1:
-        raise await refusal(conn, key_id, micros)
-    await statements.write(conn, _POST_LEDGER, {"key_id": key_id, "at": now, "kind": "hold",
-                                              "amount_micros": -micros, "reference": hold_id})
-    await statements.write(conn, _NEW_HOLD, {"id": hold_id, "key_id": key_id, "amount_micros": micros,
-                                             "captured_micros": None, "status": "held", "reference": reference,
-                                             "created_at": now})
+    if conn.execute(_TAKE, {"key": key_id, "micros": micros}).rowcount != 1:
+        raise refusal(conn, key_id, micros)
+    conn.execute(_POST_LEDGER, {"key_id": key_id, "at": now, "kind": "hold", "amount_micros": -micros,
+                                "reference": hold_id})
+    conn.execute(_NEW_HOLD, {"id": hold_id, "key_id": key_id, "amount_micros": micros, "captured_micros": None,
+                             "status": "held", "reference": reference, "created_at": now})
     return hold_id
 
 
@@ -65,10 +64,10 @@ def check_amount(micros: int) -> None:
         raise StateError("a hold must be a whole number of micro-dollars, zero or more")
 
 
-async def refusal(conn: AsyncConnection, key_id: str, micros: int) -> StateError:
+def refusal(conn: Connection, key_id: str, micros: int) -> StateError:
     """Why a hold of `micros` on the key took nothing: KeyRevoked, InsufficientCredit, or a
     StateError for an unlimited key; raises KeyNotFound."""
-    key = await keys.get(conn, key_id)
+    key = keys.get(conn, key_id)
     if key.revoked:
         return KeyRevoked(key_id)
     if key.balance_micros is None:
@@ -76,15 +75,15 @@ async def refusal(conn: AsyncConnection, key_id: str, micros: int) -> StateError
     return InsufficientCredit(key_id, micros)
 
 
-async def settle(conn: AsyncConnection, hold_id: str, captured_micros: int) -> bool:
+def settle(conn: Connection, hold_id: str, captured_micros: int) -> bool:
     """Capture `captured_micros` (at most the hold) and give the rest back. Idempotent: only the
     first settle of a hold moves money (the status flip is conditional); later ones return False.
 
     One UPDATE … RETURNING both flips the hold (only if still `held`) and reads what it was:
     a round trip fewer than reading first, and the flip stays the one thing that decides."""
-    flipped = await statements.write_returning(conn, _FLIP, {"hold": hold_id, "asked": max(0, int(captured_micros))})
+    flipped = conn.execute(_FLIP, {"hold": hold_id, "asked": max(0, int(captured_micros))}).first()
     if flipped is None:
-        await must_exist(conn, hold_id)
+        must_exist(conn, hold_id)
         return False  # settled already (maybe by another replica's sweep)
     key_id, amount, captured = flipped
     remainder, now = amount - captured, time.time()
@@ -93,27 +92,27 @@ async def settle(conn: AsyncConnection, hold_id: str, captured_micros: int) -> b
         rows.append({"key_id": key_id, "at": now, "kind": "capture", "amount_micros": 0,
                      "reference": f"{hold_id} captured={captured}"})
     if remainder:
-        if await statements.write(conn, _GIVE_BACK, {"key": key_id, "micros": remainder}) != 1:
+        if conn.execute(_GIVE_BACK, {"key": key_id, "micros": remainder}).rowcount != 1:
             raise StateError(f"API key '{key_id}' of hold '{hold_id}' keeps no balance")
         rows.append({"key_id": key_id, "at": now, "kind": "release", "amount_micros": remainder,
                      "reference": hold_id})
     if rows:
-        await statements.insert_many(conn, _POST_LEDGER, rows)
+        conn.execute(_POST_LEDGER, rows)
     return True
 
 
-async def must_exist(conn: AsyncConnection, hold_id: str) -> None:
-    if (await conn.execute(sa.select(holds.c.id).where(holds.c.id == hold_id))).first() is None:
+def must_exist(conn: Connection, hold_id: str) -> None:
+    if conn.execute(sa.select(holds.c.id).where(holds.c.id == hold_id)).first() is None:
         raise StateError(f"hold '{hold_id}' not found")
 
 
-async def placed_before(conn: AsyncConnection, cutoff: float) -> list[str]:
+def placed_before(conn: Connection, cutoff: float) -> list[str]:
     """Holds still `held` that were placed before `cutoff` (unix seconds)."""
-    rows = await conn.execute(sa.select(holds.c.id).where(holds.c.status == "held", holds.c.created_at < cutoff))
+    rows = conn.execute(sa.select(holds.c.id).where(holds.c.status == "held", holds.c.created_at < cutoff))
     return [row.id for row in rows]
 
 
-async def held(conn: AsyncConnection, key_id: str) -> list[str]:
+def held(conn: Connection, key_id: str) -> list[str]:
     """The ids of the key's holds not settled yet."""
-    rows = await conn.execute(sa.select(holds.c.id).where(holds.c.key_id == key_id, holds.c.status == "held"))
+    rows = conn.execute(sa.select(holds.c.id).where(holds.c.key_id == key_id, holds.c.status == "held"))
     return [row.id for row in rows]

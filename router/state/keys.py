@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.engine import Connection
 
 from .keygen import DISPLAY_CHARS, hash_secret, looks_like_key, new_key_id, new_secret
 from .records import KeyNotFound, KeyRecord, LedgerEntry, LedgerKind, StateError
@@ -39,8 +39,8 @@ def _positive_or_none(value: int | None, what: str) -> int | None:
     return value
 
 
-async def create(conn: AsyncConnection, name: str, credits_micros: int | None, models: Sequence[str] | None,
-                 rpm: int | None, concurrency: int | None) -> tuple[KeyRecord, str]:
+def create(conn: Connection, name: str, credits_micros: int | None, models: Sequence[str] | None,
+           rpm: int | None, concurrency: int | None) -> tuple[KeyRecord, str]:
     """A new key and its secret; the secret is returned here once and never stored."""
     if not name.strip():
         raise StateError("a key needs a name")
@@ -53,38 +53,43 @@ async def create(conn: AsyncConnection, name: str, credits_micros: int | None, m
               "models": json.dumps(sorted(set(models))) if models is not None else None,
               "rpm": _positive_or_none(rpm, "rpm"),
               "concurrency": _positive_or_none(concurrency, "concurrency")}
-    await conn.execute(api_keys.insert().values(**values))
+    conn.execute(api_keys.insert().values(**values))
     if credits_micros:
-        await post(conn, key_id, "topup", credits_micros, "initial credits")
-    return await get(conn, key_id), secret
+        post(conn, key_id, "topup", credits_micros, "initial credits")
+    return get(conn, key_id), secret
 
 
-async def get(conn: AsyncConnection, key_id: str) -> KeyRecord:
-    row = (await conn.execute(sa.select(api_keys).where(api_keys.c.id == key_id))).first()
+def get(conn: Connection, key_id: str) -> KeyRecord:
+    row = conn.execute(sa.select(api_keys).where(api_keys.c.id == key_id)).first()
     if row is None:
         raise KeyNotFound(key_id)
     return record(row)
 
 
-async def list_all(conn: AsyncConnection) -> list[KeyRecord]:
-    rows = await conn.execute(sa.select(api_keys).order_by(api_keys.c.created_at, api_keys.c.id))
+def list_all(conn: Connection) -> list[KeyRecord]:
+    rows = conn.execute(sa.select(api_keys).order_by(api_keys.c.created_at, api_keys.c.id))
     return [record(row) for row in rows]
 
 
-async def revoke(conn: AsyncConnection, key_id: str) -> KeyRecord:
+def revoke(conn: Connection, key_id: str) -> KeyRecord:
     """Revoking twice keeps the first time; the key and its ledger stay for the record."""
-    await conn.execute(api_keys.update()
-                       .where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
-                       .values(revoked_at=time.time()))
-    return await get(conn, key_id)
+    conn.execute(api_keys.update()
+                 .where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
+                 .values(revoked_at=time.time()))
+    return get(conn, key_id)
 
 
-async def by_secret(conn: AsyncConnection, secret: str) -> KeyRecord | None:
+def top_up(conn: Connection, key_id: str, micros: int, reference: str | None) -> KeyRecord:
+    post(conn, key_id, "topup", micros, reference)
+    return get(conn, key_id)
+
+
+def by_secret(conn: Connection, secret: str) -> KeyRecord | None:
     """The live key whose secret this is, else None (unknown, malformed or revoked alike)."""
     if not looks_like_key(secret):
         return None
     digest = hash_secret(secret)
-    row = (await conn.execute(sa.select(api_keys).where(api_keys.c.key_hash == digest))).first()
+    row = conn.execute(sa.select(api_keys).where(api_keys.c.key_hash == digest)).first()
     # The lookup is by hash, so timing says nothing about the secret; compare again anyway so a
     # collation or driver quirk in the WHERE can never let a near-miss through.
     if row is None or not hmac.compare_digest(row.key_hash, digest) or row.revoked_at is not None:
@@ -92,28 +97,28 @@ async def by_secret(conn: AsyncConnection, secret: str) -> KeyRecord | None:
     return record(row)
 
 
-async def post(conn: AsyncConnection, key_id: str, kind: LedgerKind, amount: int, reference: str | None) -> None:
+def post(conn: Connection, key_id: str, kind: LedgerKind, amount: int, reference: str | None) -> None:
     """One ledger row and the same change to the balance, in the caller's transaction.
 
     The balance moves by an in-place `balance + amount` (no read-modify-write), so concurrent
     postings from several replicas cannot lose each other. Holds (holds.py) take money with
     their own UPDATE that adds a `balance >= amount` condition, refusing overdrafts atomically.
     """
-    done = await conn.execute(api_keys.update()
-                              .where(api_keys.c.id == key_id, api_keys.c.balance_micros.is_not(None))
-                              .values(balance_micros=api_keys.c.balance_micros + amount))
+    done = conn.execute(api_keys.update()
+                        .where(api_keys.c.id == key_id, api_keys.c.balance_micros.is_not(None))
+                        .values(balance_micros=api_keys.c.balance_micros + amount))
     if done.rowcount != 1:
-        await get(conn, key_id)  # raises KeyNotFound when that is the reason
+        get(conn, key_id)  # raises KeyNotFound when that is the reason
         raise StateError(f"API key '{key_id}' is unlimited (it keeps no balance); "
                          "make a key with credits to meter it")
-    await conn.execute(ledger.insert().values(key_id=key_id, at=time.time(), kind=kind,
-                                              amount_micros=amount, reference=reference))
+    conn.execute(ledger.insert().values(key_id=key_id, at=time.time(), kind=kind,
+                                        amount_micros=amount, reference=reference))
 
 
-async def entries(conn: AsyncConnection, key_id: str, *, newest_first: bool = False,
-                  limit: int | None = None) -> list[LedgerEntry]:
+def entries(conn: Connection, key_id: str, *, newest_first: bool = False,
+            limit: int | None = None) -> list[LedgerEntry]:
     """The key's ledger; an unknown key is an error, not an empty history."""
-    await get(conn, key_id)
+    get(conn, key_id)
     order = ledger.c.id.desc() if newest_first else ledger.c.id
     query = sa.select(ledger).where(ledger.c.key_id == key_id).order_by(order).limit(limit)
-    return [entry(row) for row in await conn.execute(query)]
+    return [entry(row) for row in conn.execute(query)]

@@ -11,7 +11,7 @@ import time
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.engine import Connection
 
 from .keygen import new_key_id
 from .schema import api_keys, rate_windows, slots
@@ -25,44 +25,44 @@ def _step(key_id: str, rpm: int, window: int) -> sa.Update:
                     window=window))
 
 
-async def count_in(conn: AsyncConnection, key_id: str, rpm: int) -> int | None:
+def count_in(conn: Connection, key_id: str, rpm: int) -> int | None:
     """Count one request in the key's current clock minute: None when allowed, else the seconds
     until the minute ends; in the caller's transaction (admission's one round trip). The
     conditional UPDATE, and for a key's first request an INSERT … ON CONFLICT DO NOTHING (both
     databases), which waits for, rather than fails on, another replica's insert of the same row."""
     now = time.time()
     window = int(now // 60)
-    if (await conn.execute(_step(key_id, rpm, window))).rowcount == 1:
+    if conn.execute(_step(key_id, rpm, window)).rowcount == 1:
         return None
     dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
     first = dialect.insert(rate_windows).values(key_id=key_id, window=window, count=1).on_conflict_do_nothing()
-    if (await conn.execute(first)).rowcount == 1:
+    if conn.execute(first).rowcount == 1:
         return None
-    if (await conn.execute(_step(key_id, rpm, window))).rowcount == 1:  # the row another replica just made
+    if conn.execute(_step(key_id, rpm, window)).rowcount == 1:  # the row another replica just made
         return None
     return max(1, int((window + 1) * 60 - now + 0.999))
 
 
-async def acquire_slot(conn: AsyncConnection, key_id: str, limit: int, ttl_s: float) -> str | None:
+def acquire_slot(conn: Connection, key_id: str, limit: int, ttl_s: float) -> str | None:
     """A concurrency slot on the key, or None when `limit` are taken. The key's row is written
     first: on PostgreSQL that locks it, on SQLite it takes the write lock, so the count that
     follows cannot interleave with another replica's."""
     now = time.time()
-    await conn.execute(api_keys.update().where(api_keys.c.id == key_id).values(concurrency=api_keys.c.concurrency))
-    await conn.execute(slots.delete().where(slots.c.key_id == key_id, slots.c.expires_at < now))
-    taken = (await conn.execute(sa.select(sa.func.count()).select_from(slots)
-                                .where(slots.c.key_id == key_id))).scalar_one()
+    conn.execute(api_keys.update().where(api_keys.c.id == key_id).values(concurrency=api_keys.c.concurrency))
+    conn.execute(slots.delete().where(slots.c.key_id == key_id, slots.c.expires_at < now))
+    taken = conn.execute(sa.select(sa.func.count()).select_from(slots)
+                         .where(slots.c.key_id == key_id)).scalar_one()
     if taken >= limit:
         return None
     slot_id = "slot_" + new_key_id().removeprefix("key_")
-    await conn.execute(slots.insert().values(id=slot_id, key_id=key_id, expires_at=now + ttl_s))
+    conn.execute(slots.insert().values(id=slot_id, key_id=key_id, expires_at=now + ttl_s))
     return slot_id
 
 
-async def release_slot(conn: AsyncConnection, slot_id: str) -> None:
-    await conn.execute(slots.delete().where(slots.c.id == slot_id))
+def release_slot(conn: Connection, slot_id: str) -> None:
+    conn.execute(slots.delete().where(slots.c.id == slot_id))
 
 
-async def extend_slot(conn: AsyncConnection, slot_id: str, ttl_s: float) -> None:
+def extend_slot(conn: Connection, slot_id: str, ttl_s: float) -> None:
     """Keep a long task's slot (its lease renewals call this)."""
-    await conn.execute(slots.update().where(slots.c.id == slot_id).values(expires_at=time.time() + ttl_s))
+    conn.execute(slots.update().where(slots.c.id == slot_id).values(expires_at=time.time() + ttl_s))

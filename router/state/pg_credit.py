@@ -3,7 +3,7 @@ PostgreSQL, which runs the data-modifying CTEs (WITH … UPDATE/INSERT/DELETE) o
 atomically. In autocommit that is one round trip each, instead of BEGIN, two to four statements
 and COMMIT, and the key's row stays locked for one statement rather than for all those round
 trips (README, Performance). The ledger scheme is holds.py's; holds.py keeps the transaction
-form, for SQLite (which has no data-modifying CTEs) and for admissions with limits.
+form (credit.py), for SQLite (which has no data-modifying CTEs) and for admissions with limits.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.engine import Connection
 
 from .holds import check_amount, must_exist, new_hold_id, refusal
 from .records import AdmitOutcome, InsufficientCredit, KeyRevoked
@@ -77,30 +77,30 @@ def _settle() -> sa.Select[Any]:
 _TAKE, _SETTLE = _take(), _settle()
 
 
-async def admit(conn: AsyncConnection, key_id: str, micros: int, reference: str | None) -> AdmitOutcome:
+def admit(conn: Connection, key_id: str, micros: int, reference: str | None) -> AdmitOutcome:
     """The credit hold of a request on a key without rate or concurrency limits, on an autocommit
     connection: one statement, and a read only when it was refused. Raises KeyNotFound."""
     check_amount(micros)
     hold_id = new_hold_id()
     params = {"key": key_id, "micros": micros, "hold": hold_id, "reference": reference, "at": time.time()}
-    taken = (await conn.execute(_TAKE, params)).first() is not None
-    await conn.commit()  # no round trip in autocommit; on a connection that is not, what makes it last
+    taken = conn.execute(_TAKE, params).first() is not None
+    conn.commit()  # no round trip in autocommit; on a connection that is not, what makes it last
     if taken:
         return AdmitOutcome(hold_id=hold_id)
-    why = await refusal(conn, key_id, micros)
+    why = refusal(conn, key_id, micros)
     if isinstance(why, InsufficientCredit | KeyRevoked):
         return AdmitOutcome("credit" if isinstance(why, InsufficientCredit) else "revoked")
     raise why
 
 
-async def settle(conn: AsyncConnection, hold_id: str | None, captured_micros: int, slot_id: str | None) -> bool:
+def settle(conn: Connection, hold_id: str | None, captured_micros: int, slot_id: str | None) -> bool:
     """holds.settle of the hold (if any) and the slot's release (if any), on an autocommit
     connection: one statement, and a read only when the hold was settled already."""
     params = {"hold": hold_id, "asked": max(0, int(captured_micros)), "slot": slot_id, "at": time.time()}
-    settled = (await conn.execute(_SETTLE, params)).first() is not None
-    await conn.commit()  # as in admit
+    settled = conn.execute(_SETTLE, params).first() is not None
+    conn.commit()  # as in admit
     if settled:
         return True
     if hold_id is not None:
-        await must_exist(conn, hold_id)
+        must_exist(conn, hold_id)
     return False

@@ -2,17 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from sqlalchemy.ext.asyncio import AsyncConnection
-
 from ..money import format_usd
-
-# What opens a write transaction: Store._begin (on SQLite, one at a time per process).
-Begin = Callable[[], AbstractAsyncContextManager[AsyncConnection]]
 
 LedgerKind = Literal["topup", "hold", "capture", "release", "adjust"]
 

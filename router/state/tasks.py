@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.engine import Connection
 
 from . import holds, webhooks
 from .limits import release_slot
@@ -41,44 +41,44 @@ def _task(row: sa.Row[Any]) -> TaskRecord:
                       finished_at=row.finished_at, expires_at=row.expires_at, lease_owner=row.lease_owner)
 
 
-async def create(conn: AsyncConnection, *, task_id: str, key_id: str | None, model: str, operation: str,
-                 response_format: str, hold_id: str | None, slot_id: str | None, billing: dict[str, Any],
-                 ttl_s: float, owner: str, lease_s: float, webhook: tuple[str, str] | None = None) -> TaskRecord:
+def create(conn: Connection, *, task_id: str, key_id: str | None, model: str, operation: str,
+           response_format: str, hold_id: str | None, slot_id: str | None, billing: dict[str, Any],
+           ttl_s: float, owner: str, lease_s: float, webhook: tuple[str, str] | None = None) -> TaskRecord:
     """`webhook`: (url, base_url) where the task's end is announced."""
     now = time.time()
-    await conn.execute(tasks.insert().values(
+    conn.execute(tasks.insert().values(
         id=task_id, key_id=key_id, status="queued", progress=0.0, model=model, operation=operation,
         response_format=response_format, hold_id=hold_id, slot_id=slot_id, billing=_json(billing),
         result=None, error=None, created_at=now, started_at=None, finished_at=None,
         expires_at=now + ttl_s, lease_owner=owner, lease_until=now + lease_s))
     if webhook is not None:
-        await webhooks.register(conn, task_id, *webhook)
-    found = await get(conn, task_id)
+        webhooks.register(conn, task_id, *webhook)
+    found = get(conn, task_id)
     assert found is not None
     return found
 
 
-async def get(conn: AsyncConnection, task_id: str) -> TaskRecord | None:
-    row = (await conn.execute(sa.select(tasks).where(tasks.c.id == task_id))).first()
+def get(conn: Connection, task_id: str) -> TaskRecord | None:
+    row = conn.execute(sa.select(tasks).where(tasks.c.id == task_id)).first()
     return _task(row) if row is not None else None
 
 
-async def start(conn: AsyncConnection, task_id: str, owner: str) -> bool:
+def start(conn: Connection, task_id: str, owner: str) -> bool:
     """queued → running; False when it was cancelled (or taken) meanwhile."""
-    done = await conn.execute(tasks.update()
-                              .where(tasks.c.id == task_id, tasks.c.status == "queued", tasks.c.lease_owner == owner)
-                              .values(status="running", started_at=time.time()))
+    done = conn.execute(tasks.update()
+                        .where(tasks.c.id == task_id, tasks.c.status == "queued", tasks.c.lease_owner == owner)
+                        .values(status="running", started_at=time.time()))
     return done.rowcount == 1
 
 
-async def progress(conn: AsyncConnection, task_id: str, done: float) -> None:
-    await conn.execute(tasks.update().where(tasks.c.id == task_id, tasks.c.status == "running")
-                       .values(progress=max(0.0, min(1.0, done))))
+def progress(conn: Connection, task_id: str, done: float) -> None:
+    conn.execute(tasks.update().where(tasks.c.id == task_id, tasks.c.status == "running")
+                 .values(progress=max(0.0, min(1.0, done))))
 
 
-async def finish(conn: AsyncConnection, task_id: str, status: str, *, result: dict[str, Any] | None = None,
-                 error: dict[str, Any] | None = None, captured_micros: int = 0, owner: str | None = None,
-                 lapsed_before: float | None = None, billing: dict[str, Any] | None = None) -> bool:
+def finish(conn: Connection, task_id: str, status: str, *, result: dict[str, Any] | None = None,
+           error: dict[str, Any] | None = None, captured_micros: int = 0, owner: str | None = None,
+           lapsed_before: float | None = None, billing: dict[str, Any] | None = None) -> bool:
     """End an active task: its status, result or error, hold settled and slot freed, at once.
 
     `owner`: only if this replica still holds it. `lapsed_before`: only if its lease lapsed before
@@ -95,20 +95,20 @@ async def finish(conn: AsyncConnection, task_id: str, status: str, *, result: di
         values["progress"] = 1.0
     if billing is not None:
         values["billing"] = _json(billing)
-    flipped = await conn.execute(tasks.update().where(*conditions).values(**values))
+    flipped = conn.execute(tasks.update().where(*conditions).values(**values))
     if flipped.rowcount != 1:
         return False
-    row = (await conn.execute(sa.select(tasks.c.hold_id, tasks.c.slot_id, tasks.c.key_id)
-                              .where(tasks.c.id == task_id))).one()
+    row = conn.execute(sa.select(tasks.c.hold_id, tasks.c.slot_id, tasks.c.key_id)
+                       .where(tasks.c.id == task_id)).one()
     if row.hold_id is not None:
-        await holds.settle(conn, row.hold_id, captured_micros if status == "succeeded" else 0)
+        holds.settle(conn, row.hold_id, captured_micros if status == "succeeded" else 0)
     if row.slot_id is not None:
-        await release_slot(conn, row.slot_id)
-    await webhooks.enqueue(conn, task_id, row.key_id or "-", status)  # the outbox: in this transaction
+        release_slot(conn, row.slot_id)
+    webhooks.enqueue(conn, task_id, row.key_id or "-", status)  # the outbox: in this transaction
     return True
 
 
-async def renew(conn: AsyncConnection, owner: str, task_ids: set[str], lease_s: float) -> set[str]:
+def renew(conn: Connection, owner: str, task_ids: set[str], lease_s: float) -> set[str]:
     """Extend the leases of the tasks this replica is running now, and return those still active
     (the others were cancelled or swept elsewhere: the replica stops running them). A row of ours
     that no coroutine runs any more (its end could not be written) is not renewed: it lapses and
@@ -116,18 +116,18 @@ async def renew(conn: AsyncConnection, owner: str, task_ids: set[str], lease_s: 
     if not task_ids:
         return set()
     mine = (tasks.c.id.in_(sorted(task_ids)), tasks.c.lease_owner == owner, tasks.c.status.in_(ACTIVE))
-    await conn.execute(tasks.update().where(*mine).values(lease_until=time.time() + lease_s))
-    rows = await conn.execute(sa.select(tasks.c.id).where(*mine))
+    conn.execute(tasks.update().where(*mine).values(lease_until=time.time() + lease_s))
+    rows = conn.execute(sa.select(tasks.c.id).where(*mine))
     return {row.id for row in rows}
 
 
-async def lapsed(conn: AsyncConnection, now: float) -> list[str]:
+def lapsed(conn: Connection, now: float) -> list[str]:
     """Active tasks whose lease lapsed before `now`: their replica is gone."""
-    rows = await conn.execute(sa.select(tasks.c.id).where(tasks.c.status.in_(ACTIVE), tasks.c.lease_until < now))
+    rows = conn.execute(sa.select(tasks.c.id).where(tasks.c.status.in_(ACTIVE), tasks.c.lease_until < now))
     return [row.id for row in rows]
 
 
-async def delete_expired(conn: AsyncConnection) -> int:
+def delete_expired(conn: Connection) -> int:
     """Forget finished tasks past their TTL (their artifacts expire on their own)."""
-    gone = await conn.execute(tasks.delete().where(tasks.c.expires_at < time.time(), tasks.c.status.not_in(ACTIVE)))
+    gone = conn.execute(tasks.delete().where(tasks.c.expires_at < time.time(), tasks.c.status.not_in(ACTIVE)))
     return gone.rowcount

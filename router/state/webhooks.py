@@ -11,7 +11,7 @@ import time
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.engine import Connection
 
 from .records import DeliveryRecord
 from .schema import task_webhooks, tasks, webhook_deliveries, webhook_disabled, webhook_secrets
@@ -26,95 +26,95 @@ def _delivery(row: sa.Row[Any]) -> DeliveryRecord:
                           last_error=row.last_error, created_at=row.created_at, finished_at=row.finished_at)
 
 
-async def register(conn: AsyncConnection, task_id: str, url: str, base_url: str) -> None:
-    await conn.execute(task_webhooks.insert().values(task_id=task_id, url=url, base_url=base_url))
+def register(conn: Connection, task_id: str, url: str, base_url: str) -> None:
+    conn.execute(task_webhooks.insert().values(task_id=task_id, url=url, base_url=base_url))
 
 
-async def callback_of(conn: AsyncConnection, task_id: str) -> tuple[str, str] | None:
+def callback_of(conn: Connection, task_id: str) -> tuple[str, str] | None:
     """The task's (webhook URL, base URL of its links), if it asked for one."""
-    row = (await conn.execute(sa.select(task_webhooks.c.url, task_webhooks.c.base_url)
-                              .where(task_webhooks.c.task_id == task_id))).first()
+    row = conn.execute(sa.select(task_webhooks.c.url, task_webhooks.c.base_url)
+                       .where(task_webhooks.c.task_id == task_id)).first()
     return (row.url, row.base_url) if row is not None else None
 
 
-async def enqueue(conn: AsyncConnection, task_id: str, scope: str, status: str) -> None:
+def enqueue(conn: Connection, task_id: str, scope: str, status: str) -> None:
     """The task just ended as `status`: its event joins the outbox, if it asked for one."""
-    url = await conn.scalar(sa.select(task_webhooks.c.url).where(task_webhooks.c.task_id == task_id))
+    url = conn.scalar(sa.select(task_webhooks.c.url).where(task_webhooks.c.task_id == task_id))
     if url is None:
         return
     now = time.time()
-    await conn.execute(webhook_deliveries.insert().values(
+    conn.execute(webhook_deliveries.insert().values(
         id="msg_" + secrets.token_hex(12), task_id=task_id, scope=scope, url=url, event=EVENTS[status],
         payload=None, status="pending", attempts=0, next_attempt_at=now, lease_owner=None, lease_until=None,
         last_status=None, last_error=None, created_at=now, finished_at=None))
 
 
-async def of_task(conn: AsyncConnection, task_id: str) -> DeliveryRecord | None:
-    row = (await conn.execute(sa.select(webhook_deliveries).where(webhook_deliveries.c.task_id == task_id)
-                              .order_by(webhook_deliveries.c.created_at.desc()))).first()
+def of_task(conn: Connection, task_id: str) -> DeliveryRecord | None:
+    row = conn.execute(sa.select(webhook_deliveries).where(webhook_deliveries.c.task_id == task_id)
+                       .order_by(webhook_deliveries.c.created_at.desc())).first()
     return _delivery(row) if row is not None else None
 
 
-async def due(conn: AsyncConnection, now: float, limit: int) -> list[str]:
+def due(conn: Connection, now: float, limit: int) -> list[str]:
     d = webhook_deliveries.c
-    rows = await conn.execute(sa.select(d.id).where(d.status == "pending", d.next_attempt_at <= now,
-                                                    sa.or_(d.lease_until.is_(None), d.lease_until < now))
-                              .order_by(d.next_attempt_at).limit(limit))
+    rows = conn.execute(sa.select(d.id).where(d.status == "pending", d.next_attempt_at <= now,
+                                              sa.or_(d.lease_until.is_(None), d.lease_until < now))
+                        .order_by(d.next_attempt_at).limit(limit))
     return [row.id for row in rows]
 
 
-async def claim(conn: AsyncConnection, delivery_id: str, owner: str, until: float) -> DeliveryRecord | None:
+def claim(conn: Connection, delivery_id: str, owner: str, until: float) -> DeliveryRecord | None:
     """This replica's, until `until`, unless another claimed it first (then None)."""
     d, now = webhook_deliveries.c, time.time()
-    taken = await conn.execute(webhook_deliveries.update().where(
+    taken = conn.execute(webhook_deliveries.update().where(
         d.id == delivery_id, d.status == "pending", sa.or_(d.lease_until.is_(None), d.lease_until < now))
         .values(lease_owner=owner, lease_until=until))
     if taken.rowcount != 1:
         return None
-    row = (await conn.execute(sa.select(webhook_deliveries).where(d.id == delivery_id))).one()
+    row = conn.execute(sa.select(webhook_deliveries).where(d.id == delivery_id)).one()
     return _delivery(row)
 
 
-async def attempted(conn: AsyncConnection, delivery_id: str, owner: str, *, status: str, payload: str,
-                    http_status: int | None, error: str | None, next_attempt_at: float) -> bool:
+def attempted(conn: Connection, delivery_id: str, owner: str, *, status: str, payload: str,
+              http_status: int | None, error: str | None, next_attempt_at: float) -> bool:
     """Record one attempt and what comes next (`status` pending: another at `next_attempt_at`)."""
     d = webhook_deliveries.c
-    done = await conn.execute(webhook_deliveries.update().where(d.id == delivery_id, d.lease_owner == owner).values(
+    done = conn.execute(webhook_deliveries.update().where(d.id == delivery_id, d.lease_owner == owner).values(
         status=status, payload=payload, attempts=d.attempts + 1, last_status=http_status, last_error=error,
         next_attempt_at=next_attempt_at, lease_owner=None, lease_until=None,
         finished_at=None if status == "pending" else time.time()))
     return done.rowcount == 1
 
 
-async def disable(conn: AsyncConnection, scope: str, url: str) -> None:
+def disable(conn: Connection, scope: str, url: str) -> None:
     """The receiver said 410 Gone: no more events to that URL for this key."""
-    if not await is_disabled(conn, scope, url):
-        await conn.execute(webhook_disabled.insert().values(scope=scope, url=url, disabled_at=time.time()))
+    if not is_disabled(conn, scope, url):
+        conn.execute(webhook_disabled.insert().values(scope=scope, url=url, disabled_at=time.time()))
     d = webhook_deliveries.c
-    await conn.execute(webhook_deliveries.update().where(d.scope == scope, d.url == url, d.status == "pending")
-                       .values(status="disabled", finished_at=time.time()))
+    conn.execute(webhook_deliveries.update().where(d.scope == scope, d.url == url, d.status == "pending")
+                 .values(status="disabled", finished_at=time.time()))
 
 
-async def is_disabled(conn: AsyncConnection, scope: str, url: str) -> bool:
-    found = await conn.scalar(sa.select(sa.func.count()).select_from(webhook_disabled).where(
+def is_disabled(conn: Connection, scope: str, url: str) -> bool:
+    found = conn.scalar(sa.select(sa.func.count()).select_from(webhook_disabled).where(
         webhook_disabled.c.scope == scope, webhook_disabled.c.url == url))
     return bool(found)
 
 
-async def secret_of(conn: AsyncConnection, scope: str) -> str | None:
-    return await conn.scalar(sa.select(webhook_secrets.c.secret).where(webhook_secrets.c.scope == scope))
+def secret_of(conn: Connection, scope: str) -> str | None:
+    return conn.scalar(sa.select(webhook_secrets.c.secret).where(webhook_secrets.c.scope == scope))
 
 
-async def set_secret(conn: AsyncConnection, scope: str, secret: str) -> None:
+def set_secret(conn: Connection, scope: str, secret: str) -> None:
     """A key's new signing secret; the URLs its receivers disabled get a fresh start with it."""
-    await conn.execute(webhook_secrets.delete().where(webhook_secrets.c.scope == scope))
-    await conn.execute(webhook_secrets.insert().values(scope=scope, secret=secret, created_at=time.time()))
-    await conn.execute(webhook_disabled.delete().where(webhook_disabled.c.scope == scope))
+    conn.execute(webhook_secrets.delete().where(webhook_secrets.c.scope == scope))
+    conn.execute(webhook_secrets.insert().values(scope=scope, secret=secret, created_at=time.time()))
+    conn.execute(webhook_disabled.delete().where(webhook_disabled.c.scope == scope))
 
 
-async def delete_expired(conn: AsyncConnection, before: float) -> int:
+def delete_expired(conn: Connection, before: float) -> int:
     """Forget finished deliveries older than `before`, and callback URLs of tasks that are gone."""
     d = webhook_deliveries.c
-    gone = await conn.execute(webhook_deliveries.delete().where(d.status != "pending", d.finished_at < before))
-    await conn.execute(task_webhooks.delete().where(task_webhooks.c.task_id.not_in(sa.select(tasks.c.id))))
+    gone = conn.execute(webhook_deliveries.delete().where(d.status != "pending", d.finished_at < before))
+    conn.execute(task_webhooks.delete().where(task_webhooks.c.task_id.not_in(sa.select(tasks.c.id))))
     return gone.rowcount

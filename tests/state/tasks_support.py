@@ -18,9 +18,8 @@ import httpx
 import pytest
 import sqlalchemy as sa
 import yaml
-from sqlalchemy.ext.asyncio import create_async_engine
 
-from imagegate.router.state.store import async_url
+from imagegate.router.state import open_store
 from tests.conftest import free_port, wait_until_healthy
 
 ADMIN = "admin-secret-for-tests"
@@ -113,12 +112,12 @@ def metric(text: str, name: str, **labels: str) -> float:
 def held_holds(url: str) -> int:
     """How many rows of `holds` still have status `held`."""
     async def count() -> int:
-        engine = create_async_engine(async_url(url))
+        store = await open_store(url)
         try:
-            async with engine.connect() as conn:
-                return int((await conn.execute(sa.text("SELECT count(*) FROM holds WHERE status = 'held'"))).scalar())
+            return await store.runner.read(
+                lambda conn: int(conn.execute(sa.text("SELECT count(*) FROM holds WHERE status = 'held'")).scalar()))
         finally:
-            await engine.dispose()
+            await store.close()
     return asyncio.run(count())
 
 

@@ -8,6 +8,7 @@ import asyncio
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.engine import Connection
 
 from imagegate.router import state
 from imagegate.router.state import schema
@@ -106,13 +107,12 @@ def test_transactions_are_all_or_nothing(backend: Backend) -> None:
     """The store's connections idle in autocommit on PostgreSQL; a transaction must still be one."""
     async def work(store: Store) -> None:
         key, _ = await store.create_key("metered", 1_000)
+        def write_then_fail(conn: Connection) -> None:
+            conn.execute(schema.api_keys.update().where(schema.api_keys.c.id == key.id).values(balance_micros=0))
+            raise RuntimeError("after the write, before the commit")
         with pytest.raises(RuntimeError):
-            async with store.engine.begin() as conn:
-                await conn.execute(schema.api_keys.update().where(schema.api_keys.c.id == key.id)
-                                   .values(balance_micros=0))
-                raise RuntimeError("after the write, before the commit")
-        async with store.engine.connect() as conn:
-            balance = (await conn.execute(sa.select(schema.api_keys.c.balance_micros)
-                                          .where(schema.api_keys.c.id == key.id))).scalar_one()
+            await store.runner.write(write_then_fail)
+        balance = await store.runner.read(lambda conn: conn.execute(
+            sa.select(schema.api_keys.c.balance_micros).where(schema.api_keys.c.id == key.id)).scalar_one())
         assert balance == 1_000
     run(backend, work)

@@ -26,9 +26,9 @@ ADMIN = "admin-secret-for-tests"
 
 
 async def _sum(store: Store, key_id: str) -> int:
-    async with store.engine.connect() as conn:
-        return int((await conn.execute(sa.select(sa.func.coalesce(sa.func.sum(schema.ledger.c.amount_micros), 0))
-                                       .where(schema.ledger.c.key_id == key_id))).scalar_one())
+    return int(await store.runner.read(
+        lambda conn: conn.execute(sa.select(sa.func.coalesce(sa.func.sum(schema.ledger.c.amount_micros), 0))
+                                  .where(schema.ledger.c.key_id == key_id)).scalar_one()))
 
 
 def test_hold_settle_release_arithmetic(backend: Backend) -> None:
@@ -77,9 +77,9 @@ def test_stale_holds_released_on_start(backend: Backend) -> None:
     async def place(store: Store) -> tuple[str, str, str]:
         key, _ = await store.create_key("metered", 5_000)
         old, fresh = await store.hold(key.id, 2_000), await store.hold(key.id, 1_000)
-        async with store.engine.begin() as conn:  # as if placed by a gateway that crashed an hour ago
-            await conn.execute(schema.holds.update().where(schema.holds.c.id == old)
-                               .values(created_at=time.time() - 3600))
+        await store.runner.write(  # as if placed by a gateway that crashed an hour ago
+            lambda conn: conn.execute(schema.holds.update().where(schema.holds.c.id == old)
+                                      .values(created_at=time.time() - 3600)))
         return key.id, old, fresh
     key_id, _old, fresh = run(backend, place)
 

@@ -8,6 +8,7 @@ from typing import TypeVar
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.engine import Connection
 
 from imagegate.router import state
 from imagegate.router.state import schema
@@ -29,10 +30,10 @@ def run(backend: Backend, work: Callable[[Store], Awaitable[T]]) -> T:
 
 
 async def _tables(store: Store) -> tuple[set[str], int]:
-    async with store.engine.connect() as conn:
-        names = await conn.run_sync(lambda c: set(sa.inspect(c).get_table_names(schema=schema.table_schema(c))))
-        version = await conn.run_sync(schema.current_version)
-    return names, version
+    def look(conn: Connection) -> tuple[set[str], int]:
+        names = set(sa.inspect(conn).get_table_names(schema=schema.table_schema(conn)))
+        return names, schema.current_version(conn)
+    return await store.runner.read(look)
 
 
 def test_schema_created_and_reopen_is_idempotent(backend: Backend) -> None:
@@ -75,9 +76,9 @@ def test_topup_and_ledger_sum_equals_balance(backend: Backend) -> None:
         assert [e.kind for e in entries] == ["topup"] * 22
         assert entries[1].reference == "invoice 7"
         assert await store.balance(key.id) == sum(e.amount_micros for e in entries) == 2_000_020
-        async with store.engine.connect() as conn:  # the invariant, as the database itself sums it
-            total = (await conn.execute(sa.select(sa.func.sum(schema.ledger.c.amount_micros))
-                                        .where(schema.ledger.c.key_id == key.id))).scalar()
+        total = await store.runner.read(  # the invariant, as the database itself sums it
+            lambda conn: conn.execute(sa.select(sa.func.sum(schema.ledger.c.amount_micros))
+                                      .where(schema.ledger.c.key_id == key.id)).scalar())
         assert total == 2_000_020
         with pytest.raises(state.StateError):
             await store.topup(key.id, 0)
@@ -94,11 +95,10 @@ def test_topup_and_ledger_sum_equals_balance(backend: Backend) -> None:
 def test_secret_is_stored_only_hashed(backend: Backend) -> None:
     async def work(store: Store) -> tuple[str, list[str]]:
         _, secret = await store.create_key("hidden", 1_000_000, ["a", "b"])
-        dump: list[str] = []
-        async with store.engine.connect() as conn:
-            for table in schema.metadata.sorted_tables:
-                dump += [repr(tuple(row)) for row in await conn.execute(sa.select(table))]
-        return secret, dump
+        def rows(conn: Connection) -> list[str]:
+            return [repr(tuple(row)) for table in schema.metadata.sorted_tables
+                    for row in conn.execute(sa.select(table))]
+        return secret, await store.runner.read(rows)
 
     secret, dump = run(backend, work)
     assert dump and not any(secret in row or secret[8:] in row for row in dump)
