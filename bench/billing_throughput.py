@@ -19,6 +19,9 @@ bounds, the ratios are the point.
 
 Run from the repository root (about 100 s):
     .venv/bin/python bench/billing_throughput.py [--concurrency 32] [--duration 10] [--warmup 1]
+The side-by-side blocks alone, with an older build's credit replicas taking their turns as well
+(its own venv's console script, e.g. from a `git worktree` of the old commit):
+    .venv/bin/python bench/billing_throughput.py --only-side-by-side --before /tmp/old-venv/bin/imagegate
 """
 
 from __future__ import annotations
@@ -140,28 +143,31 @@ def write_config(tmp: Path, state_url: str, auth: bool) -> Path:
     return path
 
 
-def imagegate(*args: str) -> list[str]:
-    """The venv's `imagegate` console script (as an operator runs it), else the module."""
-    exe = Path(sys.executable).parent / "imagegate"
-    return ([str(exe)] if exe.exists() else [sys.executable, "-m", "imagegate"]) + list(args)
+def imagegate(*args: str, exe: str | None = None) -> list[str]:
+    """`exe` (another build's console script), else the venv's `imagegate` (as an operator runs it),
+    else the module."""
+    if exe is not None:
+        return [exe, *args]
+    script = Path(sys.executable).parent / "imagegate"
+    return ([str(script)] if script.exists() else [sys.executable, "-m", "imagegate"]) + list(args)
 
 
-def create_key(cfg_path: Path, credit: bool) -> tuple[str, str]:
+def create_key(cfg_path: Path, credit: bool, exe: str | None = None) -> tuple[str, str]:
     """`imagegate keys create` against the store itself; returns (key id, secret)."""
     credits = ["--credits", CREDITS_USD] if credit else []  # none: an unlimited key, no balance kept
-    out = subprocess.run(imagegate("keys", "create", "--name", "bench", *credits, "--config", str(cfg_path)),
+    out = subprocess.run(imagegate("keys", "create", "--name", "bench", *credits, "--config", str(cfg_path), exe=exe),
                          capture_output=True, text=True, check=True).stdout
     fields = {name.strip(): value.strip() for name, _, value in (line.partition(":") for line in out.splitlines())}
     return fields["id"], fields["key"]
 
 
-def start_replica(cfg_path: Path, log: Path, procs: list[subprocess.Popen[bytes]]) -> str:
+def start_replica(cfg_path: Path, log: Path, procs: list[subprocess.Popen[bytes]], exe: str | None = None) -> str:
     """Start one `imagegate serve`, added to `procs` at once (the caller's cleanup stops it even if
     we are interrupted while it starts), and wait until it is healthy; its URL."""
     port = free_port()
     with log.open("wb") as sink:  # the child keeps its own descriptor
         proc = subprocess.Popen(imagegate("serve", "--config", str(cfg_path), "--port", str(port),
-                                          "--log-level", "warning"),
+                                          "--log-level", "warning", exe=exe),
                                 cwd=cfg_path.parent, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
     procs.append(proc)
     url = f"http://127.0.0.1:{port}"
@@ -320,25 +326,41 @@ def ratios(results: list[Result]) -> None:
     ratio("SQLite, 1 rep.: credit key vs unlimited key", ("SQLite", 1), ("SQLite, unlimited", 1))
 
 
+def credit_configs(args: argparse.Namespace) -> list[tuple[str, str, str, str | None]]:
+    """(label, database, billing, the build's `imagegate` or None for this one) of each replica."""
+    pg = not args.no_pg and pg_reachable()
+    configs: list[tuple[str, str, str, str | None]] = [
+        ("auth off", "sqlite", "off", None), ("SQLite, unlimited", "sqlite", "unlimited", None),
+        ("SQLite, credit", "sqlite", "credit", None)]
+    if pg:
+        configs.append(("PostgreSQL, credit", "postgresql", "credit", None))
+    if args.before:
+        configs.append(("SQLite, credit, before", "sqlite", "credit", args.before))
+        if pg:
+            configs.append(("PostgreSQL, credit, before", "postgresql", "credit", args.before))
+    return configs
+
+
 def credit_cost(args: argparse.Namespace) -> None:
     """The credit path's CPU over an unmetered request, measured side by side: the replicas of each
     configuration run at once and take turns, `args.blocks` short blocks each, alternating; the
-    median CPU ms a request per configuration (this machine's speed drifts between long rows)."""
-    configs = [("auth off", "sqlite", "off"), ("SQLite, unlimited", "sqlite", "unlimited"),
-               ("SQLite, credit", "sqlite", "credit")]
-    if not args.no_pg and pg_reachable():
-        configs.append(("PostgreSQL, credit", "postgresql", "credit"))
+    median CPU ms a request per configuration (this machine's speed drifts between long rows).
+    With `--before`, an older build's credit replicas take their turns too."""
+    configs = credit_configs(args)
     procs: list[subprocess.Popen[bytes]] = []
-    dirs, live, pg_name = [], [], f"imagegate_bench_{os.getpid()}_blocks"
+    dirs: list[Path] = []
+    live, pg_names = [], []
     try:
-        for label, db, billing in configs:
+        for label, db, billing, exe in configs:
             dirs.append(Path(tempfile.mkdtemp(prefix="imagegate-credit-")))
+            url = f"sqlite:///{dirs[-1] / 'state.db'}"
             if db == "postgresql":
-                asyncio.run(pg_ddl(f"CREATE DATABASE {pg_name}"))
-            url = f"{PG_SERVER}/{pg_name}" if db == "postgresql" else f"sqlite:///{dirs[-1] / 'state.db'}"
+                pg_names.append(f"imagegate_bench_{os.getpid()}_blocks{len(pg_names)}")
+                asyncio.run(pg_ddl(f"CREATE DATABASE {pg_names[-1]}"))
+                url = f"{PG_SERVER}/{pg_names[-1]}"
             cfg_path = write_config(dirs[-1], url, billing != "off")
-            key = create_key(cfg_path, billing == "credit")[1] if billing != "off" else None
-            live.append((label, start_replica(cfg_path, dirs[-1] / "replica.log", procs), procs[-1].pid, key))
+            key = create_key(cfg_path, billing == "credit", exe)[1] if billing != "off" else None
+            live.append((label, start_replica(cfg_path, dirs[-1] / "replica.log", procs, exe), procs[-1].pid, key))
         cpu: dict[str, list[float]] = {label: [] for label, *_ in configs}
         for _ in range(args.blocks):
             for label, url, pid, key in live:
@@ -348,18 +370,25 @@ def credit_cost(args: argparse.Namespace) -> None:
         stop(procs)
         for path in dirs:
             shutil.rmtree(path, ignore_errors=True)
-        if configs[-1][1] == "postgresql":
-            asyncio.run(pg_ddl(f"DROP DATABASE IF EXISTS {pg_name} WITH (FORCE)"))
+        for name in pg_names:
+            asyncio.run(pg_ddl(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+    print_credit_cost(cpu, args)
+
+
+def print_credit_cost(cpu: dict[str, list[float]], args: argparse.Namespace) -> None:
     base = statistics.median(cpu["auth off"])
     print(f"\ncredit path, side by side: {args.blocks} alternating blocks of {args.block_s:g} s per configuration at "
           f"concurrency {args.concurrency}; median gateway CPU ms a request (blocks: min-max)")
     for label, values in cpu.items():
         median, extra = statistics.median(values), ""
-        if label != "auth off":
+        if label.endswith(", before"):
+            now = statistics.median(cpu[label.removesuffix(", before")])
+            extra = f"  this build {now:.2f}: {now - median:+.2f} ms, {now / median:.2f}x"
+        elif label != "auth off":
             verdict = "met" if median - base <= 2 else "MISSED"
             target = f" (target <= 2: {verdict})" if "credit" in label else ""
             extra = f"  {median - base:+.2f} ms over auth off{target}"
-        print(f"  {label:<20} {median:6.2f}  ({min(values):.2f}-{max(values):.2f}){extra}")
+        print(f"  {label:<26} {median:6.2f}  ({min(values):.2f}-{max(values):.2f}){extra}")
 
 
 def main() -> None:
@@ -370,8 +399,14 @@ def main() -> None:
     parser.add_argument("--no-pg", action="store_true", help="skip the PostgreSQL configurations")
     parser.add_argument("--blocks", type=int, default=5, help="alternating blocks per configuration (default 5)")
     parser.add_argument("--block-s", type=float, default=3, help="seconds per block (default 3)")
+    parser.add_argument("--before", metavar="IMAGEGATE",
+                        help="an older build's `imagegate` script: its credit replicas join the side-by-side blocks")
+    parser.add_argument("--only-side-by-side", action="store_true", help="skip the long rows; run the blocks only")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the `finally`s on SIGTERM too
+    if args.only_side_by_side:
+        credit_cost(args)
+        return
     results = []
     for index, setup in enumerate(SETUPS):
         tmp = Path(tempfile.mkdtemp(prefix="imagegate-billing-"))
