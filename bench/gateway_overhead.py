@@ -21,6 +21,9 @@ in turn for its share of the timed seconds, so that a slow minute of this shared
 all of them alike; a cell's p50 is its blocks' median.
 `--b64 2000` answers a black PNG of a few kilobytes instead: what is left is what a request costs
 whatever its image (routing, the pipeline, the HTTP layers on both sides).
+`--floor` adds `floor` (bench/floor_proxy.py): the least a proxy on imagegate's stack (uvicorn,
+uvloop, Starlette, httpx over aiohttp) does, forwarding the body and answering the upstream's bytes
+with no check at all; what it costs, no gateway on that stack can undercut.
 `--profile gateway|nokeep|before` samples that one with py-spy during its first c=32 block and prints
 where its time went.
 
@@ -57,6 +60,7 @@ import yaml
 from PIL import Image
 
 from bench import profile
+from bench.floor_proxy import floor_main
 from bench.load_httpx import Job, run_httpx
 from bench.load_wrk import ensure_wrk, run_wrk
 from bench.procs import HOST, child_setup, cpu_seconds, family, free_port, reset_peak_rss, status_mb
@@ -130,7 +134,7 @@ class Build:
 
 @dataclass
 class Server:
-    label: str  # direct | gateway | nokeep | workers | before
+    label: str  # direct | gateway | nokeep | workers | before | floor
     url: str  # where POST /v1/images/generations goes
     pid: int
     idle_rss_mb: float = math.nan
@@ -309,12 +313,23 @@ def options() -> argparse.Namespace:
     ap.add_argument("--httpx-requests", type=int, default=1000, help="timed requests per httpx cell at c=1")
     ap.add_argument("--before", help="another build's imagegate executable, run beside this one")
     ap.add_argument("--no-memory", action="store_true", help="skip the memory cells")
+    ap.add_argument("--floor", action="store_true", help="add a minimal pass-through proxy on the same stack")
     ap.add_argument("--b64", type=int, default=TARGET_B64,
                     help="about this many bytes of base64 per image (default: 1.6 MB, the targets' size); "
                          "a small answer (--b64 2000) shows what a request costs whatever its image")
     ap.add_argument("--profile", choices=["gateway", "nokeep", "before"],
                     help="py-spy on that gateway during its c=32 cell (wrk only), summarised at the end")
     return ap.parse_args()
+
+
+def start_floor(upstream_url: str, procs: list[subprocess.Popen[bytes] | BaseProcess]) -> Server:
+    port = free_port()
+    floor = mp.get_context("fork").Process(target=floor_main, args=(port, upstream_url, KEY), daemon=True)
+    floor.start()
+    procs.append(floor)
+    wait_healthy(f"http://{HOST}:{port}/healthz", floor)
+    assert floor.pid is not None
+    return Server("floor", f"http://{HOST}:{port}/v1/images/generations", floor.pid, status_mb(floor.pid, "VmRSS"))
 
 
 def memory_cell(tmp: Path, build: Build, port: int, pids: dict[str, int],
@@ -363,6 +378,8 @@ def main() -> None:
             proc, server = start_gateway(tmp, build, f"http://{HOST}:{port}/v1")
             procs.append(proc)
             servers.append(server)
+        if args.floor:
+            servers.append(start_floor(f"http://{HOST}:{port}/v1", procs))
         pids = {s.label: s.pid for s in servers}
         cells = [cell for c in (1, 32) for cell in side_by_side(load, servers, pids, c, args, b64_size(png))]
         if not args.no_memory:
