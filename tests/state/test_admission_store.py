@@ -5,6 +5,8 @@ on SQLite and PostgreSQL. On PostgreSQL a key without limits takes the single-st
 from __future__ import annotations
 
 import asyncio
+import threading
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -12,6 +14,7 @@ from sqlalchemy.engine import Connection
 
 from imagegate.router import state
 from imagegate.router.state import schema
+from imagegate.router.state.runner import ThreadRunner
 from imagegate.router.state.store import Store
 from tests.state.conftest import Backend
 from tests.state.test_billing import _sum
@@ -116,3 +119,28 @@ def test_transactions_are_all_or_nothing(backend: Backend) -> None:
             sa.select(schema.api_keys.c.balance_micros).where(schema.api_keys.c.id == key.id)).scalar_one())
         assert balance == 1_000
     run(backend, work)
+
+
+def test_on_sqlite_a_transaction_is_one_hand_over_to_one_worker_thread(tmp_path: Path) -> None:
+    """runner.py: every statement of an admission (rate count, slot, hold) runs on the same worker
+    thread, none on the event loop's, and the settle likewise: one hand-over each."""
+    async def work() -> tuple[int, list[int], list[int]]:
+        store = await state.open_store(f"sqlite:///{tmp_path}/state.db")
+        try:
+            key, _ = await store.create_key("limited", 10_000, rpm=100, concurrency=2)
+            threads: list[int] = []
+            assert isinstance(store.runner, ThreadRunner)
+            engine = store.runner.engine
+            sa.event.listen(engine, "before_cursor_execute", lambda *_: threads.append(threading.get_ident()))
+            got = await store.admit(key.id, rpm=100, concurrency=2, slot_ttl_s=60.0, hold_micros=1_000,
+                                    reference="req_1")
+            admitted, threads[:] = list(threads), []
+            assert await store.settle_request(got.hold_id, 400, got.slot_id) is True
+            settled = list(threads)
+            assert await store.balance(key.id) == 9_600
+            return threading.get_ident(), admitted, settled
+        finally:
+            await store.close()
+    loop_thread, admitted, settled = asyncio.run(work())
+    assert len(admitted) >= 5 and len(set(admitted)) == 1 and loop_thread not in admitted
+    assert len(settled) >= 3 and len(set(settled)) == 1 and loop_thread not in settled
