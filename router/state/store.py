@@ -1,4 +1,4 @@
-"""The async store: SQLAlchemy Core over SQLite (default) or asyncpg, one engine per gateway."""
+"""The async store: SQLAlchemy Core over SQLite (pysqlite on worker threads, the default) or asyncpg."""
 
 from __future__ import annotations
 
