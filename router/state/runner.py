@@ -4,7 +4,7 @@ transaction (`write`) or on one connection without one (`read`), and awaits it.
 
 - SQLite (`ThreadRunner`, pysqlite): the whole function runs on a worker thread. A transaction
   is then one hand-over from the event loop to a thread and one back, whatever its statements.
-  Through aiosqlite every statement was a hand-over of its own (three, under SQLAlchemy's
+  Through aiosqlite every statement was one hand-over or more (three through SQLAlchemy's
   adapter), and each one wakes a thread and passes the GIL, which cost more than the statement
   (README, Performance).
 - PostgreSQL (`AsyncRunner`, asyncpg): the function runs under `AsyncConnection.run_sync`, each
